@@ -1,0 +1,25 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SLUICE := $(VENV)/bin/sluice
+
+.PHONY: bootstrap test lint demo bench clean
+
+bootstrap:
+	./scripts/bootstrap.sh
+
+lint: bootstrap
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: bootstrap lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: bootstrap
+	$(PY) -m sluice.demo
+
+bench: bootstrap
+	for b in benchmarks/*/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	-$(SLUICE) lab down
+	-$(SLUICE) cleanup

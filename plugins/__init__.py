@@ -1,0 +1,1 @@
+"""The built-in plugins. Each subpackage is a plugin registered under the ``sluice.plugins`` entry-point group."""
