@@ -4,7 +4,7 @@ Two kinds of hooks:
 
 * **Per-plugin hooks** (config schema, requirements, programs, lifecycle, tasks, routes, metrics,
   session restore): the core calls each enabled plugin's implementation on its own, with a
-  :class:`~sluice.plugins.PluginContext` that belongs to that plugin, and records what it returns
+  :class:`~sluice.manager.PluginContext` that belongs to that plugin, and records what it returns
   as owned by that plugin.
 * **Broadcast hooks** (session events, NAT lookup): any plugin may call them through
   ``ctx.hook`` and every enabled plugin that implements them sees the call. Plugins talk to each
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from aiohttp import web
     from prometheus_client.registry import Collector
 
-    from sluice.plugins import PluginContext
+    from sluice.manager import PluginContext
     from sluice.programs import Program
     from sluice.sessions import FlowTuple, NatTranslation, Session, SessionEvent
 

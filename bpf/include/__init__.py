@@ -1,0 +1,1 @@
+"""The shared BPF C headers (bpf/include), shipped as package data."""

@@ -1,0 +1,181 @@
+"""The datapath: compiles plugins' programs, attaches them, and remembers exactly what it attached.
+
+The datapath outlives the agent: filters hold their programs and programs hold their (pinned)
+maps, so enforcement continues while the agent is stopped or dead. A restart compiles again,
+reuses the pins and replaces each filter in place. Every attachment is recorded in
+``<state_dir>/attachments.json`` (per network namespace), so ``sluice cleanup`` removes exactly
+what sluice attached, and a plugin removed from the config has its filters removed at next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+from sluice import log as slog
+from sluice.bpf import loader, tc
+from sluice.programs import TC, Program, Tracepoint
+
+log = slog.get()
+
+
+@dataclass(frozen=True)
+class Attachment:
+    plugin: str
+    program: str
+    fn: str
+    iface: str
+    direction: str
+    prio: int
+    added_clsact: bool = False
+
+
+def netns_id() -> str:
+    """Identity of the network namespace we run in (attachments are per namespace)."""
+    return str(os.stat("/proc/self/ns/net").st_ino)
+
+
+class AttachmentRecord:
+    def __init__(self, state_dir: Path):
+        self.path = state_dir / "attachments.json"
+
+    def _read_all(self) -> dict[str, list[dict]]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def read(self) -> list[Attachment]:
+        return [Attachment(**a) for a in self._read_all().get(netns_id(), [])]
+
+    def write(self, attachments: list[Attachment]) -> None:
+        data = self._read_all()
+        data[netns_id()] = [asdict(a) for a in attachments]
+        if not data[netns_id()]:
+            del data[netns_id()]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(self.path)
+
+
+class Datapath:
+    def __init__(self, bpffs: Path, state_dir: Path, cflags: list[str]):
+        self.bpffs = bpffs
+        self.cflags = cflags
+        self.record = AttachmentRecord(state_dir)
+        self.attached: list[Attachment] = self.record.read()
+
+    def load(self, plugin: str, programs: list[Program]) -> dict:
+        """Compile, load and attach one plugin's programs; returns program name → BCC object."""
+        compiled = {}
+        with IPRoute() as ipr:
+            for program in programs:
+                bpf = loader.compile_program(plugin, program, bpffs=self.bpffs, cflags=self.cflags)
+                compiled[program.name] = bpf
+                for point in program.attach:
+                    if isinstance(point, TC):
+                        self._attach_tc(ipr, bpf, plugin, program, point)
+                    elif isinstance(point, Tracepoint):
+                        # Tracepoint links live with the agent process; they observe, never enforce.
+                        bpf.attach_tracepoint(tp=point.tracepoint.encode(), fn_name=point.fn.encode())
+        return compiled
+
+    def _attach_tc(self, ipr, bpf, plugin: str, program: Program, point: TC) -> None:
+        for other in self.attached:
+            same_slot = (other.iface, other.direction, other.prio) == (
+                point.iface,
+                point.direction,
+                point.order,
+            )
+            if same_slot and (other.plugin, other.fn) != (plugin, point.fn):
+                raise tc.AttachError(
+                    f"{point.iface} {point.direction} order {point.order} is taken by {other.plugin}:{other.fn}"
+                )
+        fd = loader.load_tc(bpf, plugin, point.fn)
+        index = tc.ifindex(ipr, point.iface)
+        added = tc.ensure_clsact(ipr, index)
+        tc.attach(ipr, point.iface, point.direction, point.order, fd, tc.filter_name(plugin, point.fn))
+        previous = next(
+            (
+                a
+                for a in self.attached
+                if (a.iface, a.direction, a.prio) == (point.iface, point.direction, point.order)
+            ),
+            None,
+        )
+        entry = Attachment(
+            plugin,
+            program.name,
+            point.fn,
+            point.iface,
+            point.direction,
+            point.order,
+            added_clsact=added or bool(previous and previous.added_clsact),
+        )
+        self.attached = [a for a in self.attached if a is not previous] + [entry]
+        self.record.write(self.attached)
+        log.info(
+            "attached",
+            plugin=plugin,
+            fn=point.fn,
+            iface=point.iface,
+            direction=point.direction,
+            order=point.order,
+        )
+
+    def detach(self, keep=lambda a: False) -> list[Attachment]:
+        """Detach every recorded attachment for which ``keep(a)`` is false; returns those removed."""
+        removed, kept = [], []
+        with IPRoute() as ipr:
+            for a in self.attached:
+                if keep(a):
+                    kept.append(a)
+                    continue
+                found = ipr.link_lookup(ifname=a.iface)
+                if found:
+                    tc.detach(ipr, found[0], a.direction, a.prio)
+                removed.append(a)
+            for a in removed:
+                still_used = any(k.iface == a.iface for k in kept)
+                found = ipr.link_lookup(ifname=a.iface)
+                if a.added_clsact and found and not still_used and not _foreign_filters(ipr, a.iface):
+                    tc.remove_clsact(ipr, found[0])
+        self.attached = kept
+        self.record.write(kept)
+        for a in removed:
+            log.info("detached", plugin=a.plugin, fn=a.fn, iface=a.iface, direction=a.direction, order=a.prio)
+        return removed
+
+    def detach_stale(self, declared: set[tuple[str, str, str, int]]) -> list[Attachment]:
+        """Remove recorded attachments that no enabled plugin declares any more."""
+        return self.detach(keep=lambda a: (a.plugin, a.iface, a.direction, a.prio) in declared)
+
+
+def _foreign_filters(ipr, iface: str) -> bool:
+    return any(not f.owned for f in tc.list_filters(ipr, iface))
+
+
+def cleanup(bpffs: Path, state_dir: Path) -> dict[str, int]:
+    """Remove everything sluice attached in this network namespace, and its pins.
+
+    Recorded attachments are removed first; then any filter still named ``sluice:*`` (a record
+    lost with /run) is removed too. Pins go last: the programs using them are gone by then.
+    """
+    dp = Datapath(bpffs, state_dir, [])
+    removed = len(dp.detach())
+    with IPRoute() as ipr:
+        for f in tc.list_filters(ipr):
+            if f.owned and tc.detach(ipr, f.ifindex, f.direction, f.prio):
+                removed += 1
+    pins = 0
+    root = bpffs / "sluice"
+    if root.is_dir():
+        pins = sum(1 for p in root.rglob("*") if not p.is_dir())
+        shutil.rmtree(root, ignore_errors=True)
+    return {"filters": removed, "pins": pins}

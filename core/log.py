@@ -1,0 +1,36 @@
+"""Logging: structlog, JSON lines when stderr is not a TTY, key=value on a TTY; every line has plugin=."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+
+def _default_plugin(_logger, _name, event: dict) -> dict:
+    event.setdefault("plugin", "core")
+    return event
+
+
+def configure(level: str = "info", *, json: bool | None = None) -> None:
+    if json is None:
+        json = not sys.stderr.isatty()
+    renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _default_plugin,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get(plugin: str = "core") -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger("sluice").bind(plugin=plugin)
