@@ -98,7 +98,10 @@ class Agent:
         t0 = time.monotonic()
         s = self.settings
         for check in kernel.mount_filesystems():
-            log.info("mounted", check=check.name, detail=check.detail)
+            if check.ok:
+                log.info("mounted", check=check.name, detail=check.detail)
+            else:
+                log.error("mount failed", check=check.name, detail=check.detail, fix=check.fix)
         headers = kernel.prepare_bcc(s.cache_dir)
         if not headers.ok:
             log.warning(

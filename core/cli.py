@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import socket
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -56,8 +56,11 @@ class Obj:
     @property
     def cfg(self) -> config.AgentConfig:
         if self._cfg is None:
+            from sluice.agent import resolve
+
             try:
                 self._cfg = config.load(self.config_path)
+                resolve(self._cfg, self.manager)  # the same checks the agent makes
             except config.ConfigError as exc:
                 raise CLIError(str(exc)) from None
         return self._cfg
@@ -106,7 +109,6 @@ def build_cli(manager: PluginManager | None = None) -> click.Group:
     def agent_run(obj: Obj, config_path):
         """Run the agent in the foreground until SIGTERM/SIGINT (SIGHUP reloads the config)."""
         from sluice import log as slog
-        from sluice.agent import Agent
 
         if config_path:
             obj.config_path = config_path

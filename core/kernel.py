@@ -37,6 +37,14 @@ class Check:
     fix: str = ""
 
 
+ROOT_FIX = "run as root (or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
+
+
+def _errno(exc: BaseException) -> int | None:
+    """OSError and pyroute2's NetlinkError (not an OSError) carry the errno differently."""
+    return getattr(exc, "code", None) or getattr(exc, "errno", None)
+
+
 # --------------------------------------------------------------------------------------------
 # Filesystems
 # --------------------------------------------------------------------------------------------
@@ -91,7 +99,16 @@ def mount_filesystems() -> list[Check]:
 
 
 def _tracefs() -> Path | None:
-    return next((p for p in TRACEFS_PATHS if (p / "events").is_dir()), None)
+    # os.path.isdir, unlike Path.is_dir on 3.11, answers False (not EACCES) to non-root users.
+    return next((p for p in TRACEFS_PATHS if os.path.isdir(p / "events")), None)
+
+
+def _no_tracefs(name: str) -> Check:
+    if any(_mounts().get(str(p)) == "tracefs" for p in TRACEFS_PATHS):
+        return Check(name, False, "tracefs is mounted but not readable", ROOT_FIX)
+    return Check(
+        name, False, "no tracefs mounted", f"sluice doctor (as root) or: mount -t tracefs tracefs {TRACEFS}"
+    )
 
 
 def _lockdown() -> str | None:
@@ -177,44 +194,41 @@ def pick_header_pair(pairs: Iterable[HeaderPair], release: str) -> HeaderPair | 
     return max(pairs, key=rank, default=None)
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """Mirror ``src`` into ``dst`` as absolute symlinks, replacing what is there (``cp -rsf``).
+def _merge_trees(layers: list[Path], dst: Path) -> None:
+    """Fill the empty directory ``dst`` with the union of ``layers`` as absolute symlinks.
 
-    Symlinks in ``src`` are linked to their resolved target (Debian's relative ``scripts`` link
-    would dangle once moved); directories that exist in both trees are merged.
+    Reads like ``cp -rs`` of each layer in turn (later layers win), with fewer links: an entry
+    only one layer has is linked whole, even a directory; only a directory several layers share
+    becomes a real directory, merged recursively. Links point at resolved targets, because
+    Debian's relative ``scripts`` link would dangle from the cache. Only ``dst`` is written to.
     """
-    for root, dirs, files in os.walk(src):
-        here = dst / Path(root).relative_to(src)
-        if here.is_symlink():
-            # The other tree linked this directory whole: open it up before merging into it, so
-            # nothing is ever written through a link into a system directory.
-            target = here.resolve()
-            here.unlink()
-            here.mkdir()
-            _link_tree(target, here)
-        here.mkdir(exist_ok=True)
-        linked_dirs = [d for d in dirs if os.path.islink(os.path.join(root, d))]
-        for name in files + linked_dirs:
-            link = here / name
-            if link.is_symlink() or link.is_file():
-                link.unlink()
-            elif link.is_dir():
-                shutil.rmtree(link)
-            entry = os.path.join(root, name)
-            # ``src`` is resolved and walking never follows links, so only links need resolving.
-            os.symlink(os.path.realpath(entry) if os.path.islink(entry) else entry, link)
+    entries: dict[str, list[Path]] = {}
+    for layer in layers:
+        for entry in os.scandir(layer):
+            entries.setdefault(entry.name, []).append(Path(entry.path))
+    for name, sources in entries.items():
+        # Both halves link "scripts" to the same kbuild directory: that is one directory.
+        shared_dirs = list(dict.fromkeys(Path(os.path.realpath(s)) for s in sources if s.is_dir()))
+        if len(shared_dirs) > 1 and sources[-1].is_dir():
+            (dst / name).mkdir()
+            _merge_trees(shared_dirs, dst / name)
+        else:
+            os.symlink(os.path.realpath(sources[-1]), dst / name)
 
 
 def _build_header_tree(pair: HeaderPair, dest: Path) -> None:
     """Build the merged tree in a temporary sibling and rename it into place (atomic for readers)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists() or dest.is_symlink():
-        shutil.rmtree(dest)  # an incomplete or stale tree (its package was removed or replaced)
+    # A stale tree (its package was removed or replaced). Its entries are links, which rmtree
+    # removes without following.
+    if dest.is_symlink():
+        dest.unlink()
+    elif dest.exists():
+        shutil.rmtree(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the headers are not secret
     try:
-        _link_tree(pair.common.resolve(), tmp)
-        _link_tree(pair.arch.resolve(), tmp)  # generated files win over common ones
+        _merge_trees([pair.common, pair.arch], tmp)  # the flavour's generated files win
         os.rename(tmp, dest)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -261,12 +275,16 @@ def prepare_bcc(cache_dir: Path) -> Check:
     release = platform.release()
     try:
         tree = bcc_header_tree(cache_dir)
-    except OSError as exc:
+    except FileNotFoundError as exc:
         return Check(
             "kernel-headers",
             False,
             str(exc),
             "install headers for this kernel (Debian: apt install linux-headers-$(dpkg --print-architecture))",
+        )
+    except OSError as exc:
+        return Check(
+            "kernel-headers", False, f"building the header tree: {exc}", f"make {cache_dir} writable"
         )
     if tree is None:
         where = MODULES_ROOT / release / "build"
@@ -274,7 +292,10 @@ def prepare_bcc(cache_dir: Path) -> Check:
             "kernel-headers", True, f"{where if _is_header_tree(where) else KHEADERS} (found by BCC)"
         )
     os.environ["BCC_KERNEL_SOURCE"] = str(tree)
-    return Check("kernel-headers", True, f"{tree} (Debian {tree.name} for running {release})")
+    # Other versions' headers serve TC programs (stable UAPI structs) but not reads of kernel
+    # internals, whose layouts change between versions: worth saying.
+    differs = "" if _numbers(tree.name)[:2] == _numbers(release)[:2] else "; versions differ"
+    return Check("kernel-headers", True, f"{tree} (Debian {tree.name} for running {release}{differs})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,8 +306,9 @@ BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_RINGBUF = 1, 11, 27
 BPF_PROG_TYPE_SCHED_CLS, BPF_PROG_TYPE_TRACING = 3, 26
 BPF_TRACE_FENTRY = 24
 BPF_F_NO_PREALLOC = 1  # LPM tries must be created without preallocation
-# r0 = 0; exit. Each instruction is one little-endian u64 with the opcode in the low byte.
-_RETURN_ZERO = (0xB7, 0x95)
+# r0 = 0; exit. Each struct bpf_insn is 8 bytes with the opcode first; the rest is zero here,
+# so these bytes are right on either endianness.
+_RETURN_ZERO = bytes.fromhex("b7000000000000009500000000000000")
 _u32, _u64 = ctypes.c_uint32, ctypes.c_uint64
 
 
@@ -355,7 +377,7 @@ def _map(map_type: int, key_size: int, value_size: int, max_entries: int, flags:
 
 
 def _prog(prog_type: int, attach_type: int = 0, attach_btf_id: int = 0):
-    insns = (_u64 * 2)(*_RETURN_ZERO)
+    insns = ctypes.create_string_buffer(_RETURN_ZERO, len(_RETURN_ZERO))
     opts = _ProgLoadOpts(
         sz=ctypes.sizeof(_ProgLoadOpts), expected_attach_type=attach_type, attach_btf_id=attach_btf_id
     )
@@ -366,7 +388,7 @@ def _prog(prog_type: int, attach_type: int = 0, attach_btf_id: int = 0):
 
 def _bpf_fix(err: OSError) -> str:
     if err.errno in (errno.EPERM, errno.EACCES):
-        return "run as root (or with CAP_BPF and CAP_NET_ADMIN); check kernel lockdown and seccomp"
+        return f"{ROOT_FIX}; if root already, check kernel lockdown and seccomp"
     if err.errno == errno.ENOSYS:
         return "use a kernel built with CONFIG_BPF_SYSCALL"
     if err.errno == errno.ENOENT and "libbpf" in str(err):
@@ -431,7 +453,7 @@ def check_root() -> Check:
         f"lacking {', '.join(lacking)}" if lacking else "CAP_BPF and CAP_NET_ADMIN"
     )
     if lacking:
-        return Check("root", False, detail, "run as root (or grant CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON)")
+        return Check("root", False, detail, ROOT_FIX)
     return Check("root", True, detail)
 
 
@@ -448,14 +470,7 @@ def check_bpffs() -> Check:
 
 def check_tracefs() -> Check:
     found = _tracefs()
-    if found:
-        return Check("tracefs", True, f"events at {found / 'events'}")
-    return Check(
-        "tracefs",
-        False,
-        "no tracefs mounted",
-        f"sluice doctor (as root) or: mount -t tracefs tracefs {TRACEFS}",
-    )
+    return Check("tracefs", True, f"events at {found / 'events'}") if found else _no_tracefs("tracefs")
 
 
 def check_btf() -> Check:
@@ -484,12 +499,13 @@ def check_tc() -> Check:
         try:
             _outside_event_loop(functools.partial(_attach_clsact, fd))
         except Exception as exc:  # pyroute2's NetlinkError is not an OSError
-            return Check(
-                "tc",
-                False,
-                f"attaching to clsact failed: {exc}",
-                "use a kernel with CONFIG_NET_SCH_INGRESS (clsact) and CONFIG_NET_CLS_BPF",
+            denied = _errno(exc) in (errno.EPERM, errno.EACCES)
+            fix = (
+                ROOT_FIX
+                if denied
+                else "use a kernel with CONFIG_NET_SCH_INGRESS (clsact) and CONFIG_NET_CLS_BPF"
             )
+            return Check("tc", False, f"attaching to clsact failed: {exc}", fix)
     return Check("tc", True, "SCHED_CLS program loaded and attached to clsact ingress (scratch netns)")
 
 
@@ -524,12 +540,7 @@ def check_tracepoint(category: str, event: str, tracefs: Path | None = None) -> 
         )
     tracefs = tracefs or _tracefs()
     if tracefs is None:
-        return Check(
-            name,
-            False,
-            "no tracefs mounted",
-            f"sluice doctor (as root) or: mount -t tracefs tracefs {TRACEFS}",
-        )
+        return _no_tracefs(name)
     try:
         tp_id = (tracefs / "events" / category / event / "id").read_text().strip()
     except OSError as exc:
@@ -548,7 +559,7 @@ def check_tracepoints(tracefs: Path | None = None) -> Check:
     try:
         count = len(os.listdir(tracefs / "events")) if tracefs else 0
     except OSError as exc:
-        return Check("tracepoints", False, f"cannot list {tracefs / 'events'}: {exc.strerror}", "run as root")
+        return Check("tracepoints", False, f"cannot list {tracefs / 'events'}: {exc.strerror}", ROOT_FIX)
     kfree_skb = check_tracepoint("skb", "kfree_skb", tracefs)
     detail = f"{count} categories; skb/kfree_skb {kfree_skb.detail}" if tracefs else kfree_skb.detail
     return Check("tracepoints", kfree_skb.ok, detail, kfree_skb.fix)
@@ -591,6 +602,8 @@ def _tracefs_kprobe(tracefs: Path) -> None:
 def check_kprobes() -> Check:
     """Kprobes attach. Under lockdown=confidentiality or without CONFIG_KPROBES, BCC can load a
     kprobe program but not attach it, so the probe creates a kprobe rather than loading one."""
+    if not check_root().ok:  # else every answer below is just "permission denied"
+        return Check("kprobes", False, "not probed: needs privileges", ROOT_FIX)
     lockdown = _lockdown()
     suffix = f" (lockdown: {lockdown})" if lockdown else ""
     fix = "boot with lockdown=none/integrity on a kernel with CONFIG_KPROBES and CONFIG_KPROBE_EVENTS"
@@ -615,6 +628,8 @@ _FENTRY_TARGET = "bpf_fentry_test1"
 
 def check_fentry() -> Check:
     """Load an fentry program against a function in vmlinux BTF and attach it for a moment."""
+    if not check_root().ok:  # else the answer below is just "permission denied"
+        return Check("fentry", False, "not probed: needs privileges", ROOT_FIX)
     lockdown = _lockdown()
     suffix = f" (lockdown: {lockdown})" if lockdown else ""
     if not check_btf().ok:
@@ -702,29 +717,30 @@ def check_tunnel(kind: str) -> Check:
     if not _NAME.fullmatch(kind):
         return Check(name, False, "malformed name", "write tunnel:<link kind>, e.g. tunnel:vxlan")
 
-    def create() -> None:
+    def create() -> Exception | None:
         with _scratch_netns() as ipr:
-            ipr.link("add", ifname="probe0", kind=kind, **_TUNNEL_ARGS.get(kind, {}))
+            try:
+                ipr.link("add", ifname="probe0", kind=kind, **_TUNNEL_ARGS.get(kind, {}))
+            except Exception as exc:  # the kernel's answer: judged below
+                return exc
+        return None
 
     try:
-        _outside_event_loop(create)
+        refused = _outside_event_loop(create)
     except Exception as exc:
-        code = getattr(exc, "code", None) or getattr(exc, "errno", None)
-        # rtnetlink answers EOPNOTSUPP only for an unknown link kind (after trying to load its
-        # module); any other error came from the driver judging our bare probe device.
-        if code == errno.EOPNOTSUPP:
-            return Check(
-                name,
-                False,
-                f"kernel has no {kind} link type",
-                f"modprobe {kind}, or use a kernel built with it",
-            )
-        if code in (errno.EPERM, errno.EACCES):
-            return Check(
-                name, False, f"creating a {kind} link: {exc}", "run as root (CAP_NET_ADMIN and CAP_SYS_ADMIN)"
-            )
-        return Check(name, True, f"kernel knows {kind} links (probe device refused: {exc})")
-    return Check(name, True, f"created a {kind} link in a scratch netns")
+        fix = ROOT_FIX if _errno(exc) in (errno.EPERM, errno.EACCES) else "check that network namespaces work"
+        return Check(name, False, f"cannot create a scratch netns: {exc}", fix)
+    if refused is None:
+        return Check(name, True, f"created a {kind} link in a scratch netns")
+    # rtnetlink answers EOPNOTSUPP only for an unknown link kind (after trying to load its
+    # module); any other error came from the driver judging our bare probe device.
+    if _errno(refused) == errno.EOPNOTSUPP:
+        return Check(
+            name, False, f"kernel has no {kind} link type", f"modprobe {kind}, or use a kernel built with it"
+        )
+    if _errno(refused) in (errno.EPERM, errno.EACCES):
+        return Check(name, False, f"creating the {kind} link: {refused}", ROOT_FIX)
+    return Check(name, True, f"kernel knows {kind} links (the probe device was refused: {refused})")
 
 
 def check_conntrack_netlink() -> Check:
@@ -737,6 +753,8 @@ def check_conntrack_netlink() -> Check:
     try:
         entries = _outside_event_loop(count)
     except Exception as exc:
+        if _errno(exc) in (errno.EPERM, errno.EACCES):
+            return Check("conntrack-netlink", False, f"ctnetlink: {exc}", ROOT_FIX)
         return Check(
             "conntrack-netlink",
             False,

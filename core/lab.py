@@ -8,18 +8,18 @@ with ``nodad`` and DAD switched off, so addresses are usable the moment ``up()``
                      └──── gw ──────┘
     peer ───underlay0┘              └mgmt0──── nats (nats-server, JetStream)
 
-    host    interface   IPv4            IPv6                MAC                 role
-    ------  ----------  --------------  ------------------  ------------------  -------------------
-    gw      ingress0    10.99.1.1/24    fd00:99:1::1/64     02:99:01:00:00:01   faces the client
-    client  eth0        10.99.1.2/24    fd00:99:1::2/64     02:99:01:00:00:02   default via gw
-    gw      egress0     10.99.2.1/24    fd00:99:2::1/64     02:99:02:00:00:01   faces the server
-    server  eth0        10.99.2.2/24    fd00:99:2::2/64     02:99:02:00:00:02   default via gw
-                        10.99.2.3/24    fd00:99:2::3/64                         "other" service
-                        10.99.2.53/24   fd00:99:2::53/64                        dnsmasq (udp+tcp 53)
-    gw      underlay0   10.99.3.1/24    fd00:99:3::1/64     02:99:03:00:00:01   tunnel underlay
-    peer    eth0        10.99.3.2/24    fd00:99:3::2/64     02:99:03:00:00:02   tunnel peer
-    gw      mgmt0       10.99.9.1/24    fd00:99:9::1/64     02:99:09:00:00:01   control plane
-    nats    eth0        10.99.9.2/24    fd00:99:9::2/64     02:99:09:00:00:02   nats-server :4222
+    host    interface   index  IPv4            IPv6                MAC                role
+    ------  ----------  -----  --------------  ------------------  -----------------  ------------------
+    gw      ingress0       11  10.99.1.1/24    fd00:99:1::1/64     02:99:01:00:00:01  faces the client
+    client  eth0           21  10.99.1.2/24    fd00:99:1::2/64     02:99:01:00:00:02  default via gw
+    gw      egress0        12  10.99.2.1/24    fd00:99:2::1/64     02:99:02:00:00:01  faces the server
+    server  eth0           22  10.99.2.2/24    fd00:99:2::2/64     02:99:02:00:00:02  default via gw
+                               10.99.2.3/24    fd00:99:2::3/64                        "other" service
+                               10.99.2.53/24   fd00:99:2::53/64                       dnsmasq (udp+tcp 53)
+    gw      underlay0      13  10.99.3.1/24    fd00:99:3::1/64     02:99:03:00:00:01  tunnel underlay
+    peer    eth0           23  10.99.3.2/24    fd00:99:3::2/64     02:99:03:00:00:02  tunnel peer
+    gw      mgmt0          19  10.99.9.1/24    fd00:99:9::1/64     02:99:09:00:00:01  control plane
+    nats    eth0           29  10.99.9.2/24    fd00:99:9::2/64     02:99:09:00:00:02  nats-server :4222
 
 The interface names inside the gw namespace (``ingress0``, ``egress0``, ``underlay0``,
 ``mgmt0``) are part of the contract: the agent's default config refers to them. The gw forwards
@@ -39,13 +39,12 @@ spec's TTL (default 5 s):
     anything else under .test is NXDOMAIN; other names are REFUSED (nothing goes upstream).
 
 State (configs, logs, pid files, the JetStream store, ``state.json``) lives in
-``<state_root>/<prefix>`` (default ``/run/sluice/lab/<prefix>``). Running
-``python -m sluice.lab up|down|status|cleanup [--prefix P]`` drives a lab from a shell.
+``<state_root>/<prefix>`` (default ``/run/sluice/lab/<prefix>``). From a shell:
+``sluice lab up|down|status [--prefix P]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import fnmatch
@@ -131,6 +130,13 @@ def _mac(link: _Link, num: int) -> str:
     return f"02:99:{link.net:02x}:00:00:{num:02x}"
 
 
+def _ifindex(link: _Link, num: int) -> int:
+    # Distinct indexes on the two ends matter beyond tidiness: when a veth's index equals its
+    # peer's (easy across namespaces: both would be 2), the kernel's linkwatch treats its
+    # carrier change as non-urgent and may hold IPv6 back for up to a second.
+    return 10 * num + link.net
+
+
 # --------------------------------------------------------------------------------------------
 # Namespace primitives (public: tests/netlab.py builds smaller topologies with them)
 # --------------------------------------------------------------------------------------------
@@ -198,7 +204,8 @@ def netns_pids(name: str) -> list[int]:
     if not netns_exists(name):
         return []
     out = run_ip("netns", "pids", name, check=False).stdout
-    return [int(p) for p in out.split()]
+    # Never ourselves: a thread of this process may be inside the namespace (in_netns).
+    return [int(p) for p in out.split() if int(p) != os.getpid()]
 
 
 def netns_delete(name: str, timeout: float = 3.0) -> None:
@@ -387,6 +394,7 @@ class Lab:
             return host
         raise KeyError(f"unknown lab host {host!r}; hosts are {', '.join(HOSTS)}")
 
+    @property
     def namespaces(self) -> list[str]:
         return [self.ns(h) for h in HOSTS]
 
@@ -464,11 +472,11 @@ class Lab:
         for link in LINKS:  # explicit, in case a socket somewhere still pins the gw namespace
             if netns_exists(self.ns("gw")):
                 run_ip("-n", self.ns("gw"), "link", "del", link.gw_if, check=False)
-        for ns in self.namespaces():
+        for ns in self.namespaces:
             netns_delete(ns)
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
-        left = [ns for ns in self.namespaces() if netns_exists(ns)]
+        left = [ns for ns in self.namespaces if netns_exists(ns)]
         left += [f"pid {p}" for ns in left for p in netns_pids(ns)]
         if self.state_dir.exists():
             left.append(str(self.state_dir))
@@ -499,8 +507,8 @@ class Lab:
             if have is None:
                 problems.append(f"{lab.ns(host)}: interface {dev} missing")
                 continue
-            if not have["up"]:
-                problems.append(f"{lab.ns(host)}: {dev} is down")
+            if not (have["up"] and have["ipv6_ready"]):
+                problems.append(f"{lab.ns(host)}: {dev} is not up with IPv6")
             problems += [f"{lab.ns(host)}: {dev} lacks {a}" for a in want if a not in have["addrs"]]
 
         processes = {name: lab._process(name) for name in ("dnsmasq", "nats")}
@@ -537,30 +545,23 @@ class Lab:
         set_sysctl(gw, "net.ipv6.conf.all.forwarding", 1)
 
         for link in LINKS:
-            far = self.ns(link.host)
             run_ip(
-                "-n", gw, "link", "add", link.gw_if, "address", _mac(link, 1), "type", "veth",
-                "peer", "name", FAR_IF, "address", _mac(link, 2), "netns", far,
+                "-n", gw, "link", "add", link.gw_if, "index", str(_ifindex(link, 1)), "address", _mac(link, 1),
+                "type", "veth", "peer", "name", FAR_IF, "index", str(_ifindex(link, 2)), "address", _mac(link, 2),
+                "netns", self.ns(link.host),
             )  # fmt: skip
         for ep in ENDPOINTS.values():
             for family in (4, 6):
                 nodad = ["nodad"] if family == 6 else []
                 run_ip("-n", self.ns(ep.host), "addr", "add", _cidr(ep, family), "dev", ep.ifname, *nodad)
         for link in LINKS:
+            far = self.ns(link.host)
             run_ip("-n", gw, "link", "set", link.gw_if, "up")
-            run_ip("-n", self.ns(link.host), "link", "set", FAR_IF, "up")
-            gw_ep = next(ep for ep in ENDPOINTS.values() if ep.host == "gw" and ep.net == link.net)
+            run_ip("-n", far, "link", "set", FAR_IF, "up")
             for family in (4, 6):
-                run_ip(
-                    f"-{family}",
-                    "-n",
-                    self.ns(link.host),
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    _ip(gw_ep, family),
-                )
+                via = _ip(_Endpoint("gw", link.gw_if, link.net, 1), family)
+                run_ip(f"-{family}", "-n", far, "route", "add", "default", "via", via)
+        wait_links_ready([(self.ns(ep.host), ep.ifname) for ep in ENDPOINTS.values()], self.spec.wait_timeout)
 
         pids = {"dnsmasq": self._start_dnsmasq(), "nats": self._start_nats()}
         self._write_state(pids)
@@ -702,15 +703,33 @@ def _interfaces(ns: str) -> dict[str, Any]:
     out = run_ip("-j", "-n", ns, "addr", "show", check=False).stdout
     result = {}
     for link in json.loads(out or "[]"):
-        addrs = [
-            f"{a['local']}/{a['prefixlen']}"
-            for a in link.get("addr_info", [])
-            if a.get("scope") != "link" and not a.get("tentative")
-        ]
-        # Admin-up plus carrier, not operstate: the kernel updates operstate lazily (linkwatch).
+        infos = [a for a in link.get("addr_info", []) if not a.get("tentative")]
         flags = link.get("flags", [])
-        result[link["ifname"]] = {"up": "UP" in flags and "LOWER_UP" in flags, "addrs": addrs}
+        result[link["ifname"]] = {
+            "up": "UP" in flags and "LOWER_UP" in flags and link.get("operstate") == "UP",
+            # IPv6 starts on a link (link-local address, neighbour discovery) only once the
+            # kernel has marked it operationally up, which can lag the carrier.
+            "ipv6_ready": any(a.get("scope") == "link" and a["family"] == "inet6" for a in infos),
+            "addrs": [f"{a['local']}/{a['prefixlen']}" for a in infos if a.get("scope") != "link"],
+        }
     return result
+
+
+def wait_links_ready(links: Sequence[tuple[str, str]], timeout: float = 5.0) -> None:
+    """Wait until every ``(namespace, ifname)`` is up with IPv6 running; LabError names the laggards."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = {ns: _interfaces(ns) for ns in {ns for ns, _ in links}}
+        late = [
+            f"{ns}:{dev}"
+            for ns, dev in links
+            if not (seen[ns].get(dev, {}).get("up") and seen[ns][dev]["ipv6_ready"])
+        ]
+        if not late:
+            return
+        if time.monotonic() > deadline:
+            raise LabError(f"interfaces not up with IPv6 after {timeout:.1f}s: {', '.join(late)}")
+        time.sleep(0.02)
 
 
 def _find_binary(name: str, preferred: list[str]) -> str:
@@ -749,31 +768,3 @@ def lab_cleanup_all(prefix_glob: str = "sl*-", state_root: str = DEFAULT_STATE_R
     if errors:
         raise LabError("; ".join(errors))
     return sorted(prefixes)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sluice.lab", description="Build or remove the sluice lab."
-    )
-    parser.add_argument("action", choices=["up", "down", "status", "cleanup"])
-    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="namespace prefix (cleanup: a glob)")
-    parser.add_argument("--dns-ttl", type=int, default=LabSpec.dns_ttl)
-    args = parser.parse_args(argv)
-    if args.action == "up":
-        start = time.monotonic()
-        lab = Lab.up(LabSpec(prefix=args.prefix, dns_ttl=args.dns_ttl))
-        print(f"lab {lab.spec.prefix!r} up in {time.monotonic() - start:.2f}s: {', '.join(lab.namespaces())}")
-    elif args.action == "down":
-        Lab(LabSpec(prefix=args.prefix)).down()
-    elif args.action == "status":
-        st = Lab.status(args.prefix)
-        print(json.dumps(st, indent=2))
-        return 0 if st["healthy"] else 1
-    else:
-        glob = args.prefix if args.prefix != DEFAULT_PREFIX else "sl*-"
-        print("\n".join(lab_cleanup_all(glob)) or "nothing to clean")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

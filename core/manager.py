@@ -102,7 +102,7 @@ class PluginContext:
         programs = [self.bpf[program]] if program else list(self.bpf.values())
         for b in programs:
             try:
-                return Map.from_bcc(b[name])
+                return Map.from_bcc(b[name.encode()])
             except KeyError:
                 continue
         raise KeyError(f"{self.name}: no map {name}")

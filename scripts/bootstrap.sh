@@ -21,8 +21,9 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import bcc" 2>/dev/nu
     /usr/bin/python3 -m venv --system-site-packages "$VENV"
 fi
 stamp="$VENV/.sluice-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ examples/sluice-hello/pyproject.toml -nt "$stamp" ]; then
-    "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q -e '.[test]' -e examples/sluice-hello
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    # setuptools and wheel in the venv: the tests install plugin packages without build isolation.
+    "$VENV/bin/pip" install -q --upgrade pip 'setuptools>=68' wheel
+    "$VENV/bin/pip" install -q -e '.[test]'
     touch "$stamp"
 fi

@@ -294,11 +294,14 @@ _prog_get_fd_by_id = _proto("bpf_prog_get_fd_by_id", _u32)
 _map_get_fd_by_id = _proto("bpf_map_get_fd_by_id", _u32)
 
 
+_BY_REF = (ct._SimpleCData, ct.Structure, ct.Union, ct.Array)
+
+
 def _ref(obj):
     """ctypes objects go by reference; bytes, ints (addresses), None and byref() results as they are."""
-    if isinstance(obj, ct._SimpleCData | ct.Structure | ct.Union | ct.Array):
-        return ct.byref(obj)
-    return obj
+    if obj is None or type(obj) is bytes:  # per-key loops call this twice per syscall: keep it cheap
+        return obj
+    return ct.byref(obj) if isinstance(obj, _BY_REF) else obj
 
 
 def error(err: int, call: str, what: str = "") -> OSError:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import os
+import struct
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any
@@ -48,14 +49,18 @@ class _Codec:
         # Native scalar formats that memoryview.cast can decode a whole chunk of at once.
         code = getattr(ctype, "_type_", None) if self.scalar else None
         self.fmt = code if isinstance(code, str) and code in "bBhHiIlLqQfd?" else None
+        self.pack = struct.Struct(self.fmt).pack if self.fmt in tuple("bBhHiIlLqQ") else None  # native
 
     def encode(self, obj: Any) -> bytes:
-        if isinstance(obj, bytes | bytearray | memoryview):
+        t = type(obj)
+        if t is self.ctype or t is bytes:  # the common cases first: this runs once per entry
             b = bytes(obj)
-        elif isinstance(obj, _CTYPES):
+        elif t is int and self.pack:
+            b = self.pack(obj)
+        elif isinstance(obj, (bytes, bytearray, memoryview, *_CTYPES)):
             b = bytes(obj)
         elif self.ctype is None:
-            raise TypeError(f"map opened without types takes bytes of {self.size}, not {type(obj).__name__}")
+            raise TypeError(f"map opened without types takes bytes of {self.size}, not {t.__name__}")
         else:
             b = bytes(self.ctype(*obj) if isinstance(obj, tuple) else self.ctype(obj))
         if len(b) != self.size:
@@ -100,7 +105,7 @@ class Map:
 
     @classmethod
     def from_bcc(cls, table) -> Map:
-        """A view of a BCC table; the fd is duplicated so the map outlives neither this nor BCC early."""
+        """A view of a BCC table. The fd is duplicated: the view stays valid after BCC cleans up."""
         # BCC's per-CPU tables replace Leaf by an array over CPUs and keep the element type in sLeaf.
         value_type = getattr(table, "sLeaf", table.Leaf)
         name = getattr(table, "_name", None)
@@ -264,8 +269,12 @@ class Map:
                 continue  # removed by someone else since we saw it
             yield 1, k, buf.raw
 
-    def _scan(self, delete: bool, chunk: int) -> Iterator[tuple[int, bytes, bytes]]:
-        """Batch chunks, or per-key ones for map types whose kernel has no batch variant (found once)."""
+    def _scan(self, delete: bool, chunk: int, values: bool = True) -> Iterator[tuple[int, bytes, bytes]]:
+        """Batch chunks, or per-key ones for map types whose kernel has no batch variant (found once).
+
+        Without ``values`` the per-key fallback only walks keys: that also counts maps whose values
+        user space cannot read (program arrays, for example).
+        """
         kind = "lookup_and_delete" if delete else "lookup"
         if chunk < 1:
             raise ValueError("chunk must be at least 1")
@@ -275,7 +284,10 @@ class Map:
                 return
             except _NoBatch:  # raised before any chunk was yielded
                 self._no_batch.add(kind)
-        yield from self._chunks_per_key(delete)
+        if values or delete:
+            yield from self._chunks_per_key(delete)
+        else:
+            yield from ((1, k, b"") for k in self._keys_per_key())
 
     def items(self, chunk: int = 4096) -> Iterator[tuple[Any, Any]]:
         """All ``(key, value)`` pairs, read ``chunk`` entries per syscall."""
@@ -283,12 +295,12 @@ class Map:
             yield from self._pairs(n, kb, vb)
 
     def keys(self, chunk: int = 4096) -> Iterator[Any]:
-        for n, kb, _ in self._scan(False, chunk):
+        for n, kb, _ in self._scan(False, chunk, values=False):
             yield from self._key.decode_many(kb, n)
 
     def count(self, chunk: int = 4096) -> int:
         """Number of entries (a walk: the kernel keeps no count user space can read)."""
-        return sum(n for n, _, _ in self._scan(False, chunk))
+        return sum(n for n, _, _ in self._scan(False, chunk, values=False))
 
     def pop_all(self, chunk: int = 4096) -> list[tuple[Any, Any]]:
         """Read and delete every entry: BPF_MAP_LOOKUP_AND_DELETE_BATCH, else lookup+delete per key."""
@@ -313,7 +325,8 @@ class Map:
     ) -> int:
         """Write ``(key, value)`` pairs ``chunk`` per syscall; returns how many were written."""
         pairs = items.items() if isinstance(items, Mapping) else items
-        return self._update_raw(((self._key.encode(k), self._value_bytes(v)) for k, v in pairs), chunk, flags)
+        ek, ev = self._key.encode, self._one.encode if not self.info.percpu else self._value_bytes
+        return self._update_raw(((ek(k), ev(v)) for k, v in pairs), chunk, flags)
 
     def _update_raw(self, pairs: Iterable[tuple[bytes, bytes]], chunk: int, flags: int = lb.BPF_ANY) -> int:
         it, total = iter(pairs), 0
@@ -373,8 +386,10 @@ class Map:
 
     def items_per_key(self) -> Iterator[tuple[Any, Any]]:
         """All pairs with one get_next_key and one lookup syscall per entry."""
-        for n, kb, vb in self._chunks_per_key(False):
-            yield from self._pairs(n, kb, vb)
+        dk = self._key.decode
+        dv = self._one.decode if not self.info.percpu else (lambda b: self._decode_values(b, 1)[0])
+        for _, kb, vb in self._chunks_per_key(False):
+            yield dk(kb), dv(vb)
 
     def update_per_key(self, items: Mapping | Iterable[tuple[Any, Any]], flags: int = lb.BPF_ANY) -> int:
         pairs = items.items() if isinstance(items, Mapping) else items

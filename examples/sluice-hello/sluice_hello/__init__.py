@@ -39,13 +39,17 @@ def sluice_requirements():
 
 @hookimpl
 def sluice_programs(ctx):
-    return [Program("hello", HERE / "hello.bpf.c", [TC(ctx.config.interface, "ingress", "hello_ingress", 150)])]
+    return [
+        Program("hello", HERE / "hello.bpf.c", [TC(ctx.config.interface, "ingress", "hello_ingress", 150)])
+    ]
 
 
 def read_counts(pin: Path) -> dict[str, int]:
     """Packets per protocol from the pinned map: works while the agent is down."""
     with Map.open_pinned(pin, key_type=ct.c_uint8, value_type=ct.c_uint64) as m:
-        return {PROTOCOLS.get(k.value, str(k.value)): sum(v.value for v in per_cpu) for k, per_cpu in m.items()}
+        return {
+            PROTOCOLS.get(k.value, str(k.value)): sum(v.value for v in per_cpu) for k, per_cpu in m.items()
+        }
 
 
 class PacketsCollector:

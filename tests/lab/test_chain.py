@@ -1,0 +1,115 @@
+"""TC chains: declared order, pass-through, chain end, and the per-packet trace, with real packets."""
+
+import ctypes as ct
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from sluice.bpf import tc
+from sluice.bpf.maps import Map
+from sluice.datapath import Datapath
+from sluice.lab import in_netns, netns_socket
+from sluice.programs import TC, Program
+from sluice.trace import TraceSession
+from tests.netlab import netns_pair
+
+pytestmark = pytest.mark.lab
+
+PROBE_C = Path(__file__).resolve().parents[1] / "plugins" / "sluice-chainprobe" / "sluice_chainprobe" / "chainprobe.bpf.c"
+
+
+@pytest.fixture
+def pair():
+    with netns_pair() as p:
+        yield p
+
+
+def program(*points):
+    return Program("chainprobe", PROBE_C, [TC("veth0", "ingress", fn, order) for fn, order in points])
+
+
+def udp_delivered(pair, port: int) -> bool:
+    """Send one datagram a → b:port; True when b's socket receives it."""
+    rx = netns_socket(pair.b, 4, socket.SOCK_DGRAM)
+    tx = netns_socket(pair.a, 4, socket.SOCK_DGRAM)
+    with rx, tx:
+        rx.bind((pair.addr("b"), port))
+        rx.settimeout(0.5)
+        tx.sendto(b"probe", (pair.addr("b"), port))
+        try:
+            return rx.recv(100) == b"probe"
+        except TimeoutError:
+            return False
+
+
+def seen(dp_bpf, slot):
+    return Map.from_bcc(dp_bpf[b"probe_seen"]).get(ct.c_uint32(slot))
+
+
+def test_chain_runs_in_order_and_passes_through(pair, bpffs, state_dir):
+    with in_netns(pair.b):
+        dp = Datapath(bpffs, state_dir, [])
+        bpf = dp.load("chainprobe", [program(("probe_count", 100), ("probe_drop", 300))])["chainprobe"]
+        Map.from_bcc(bpf[b"probe_drop_port"]).set(ct.c_uint32(0), ct.c_uint32(9))
+        with __import__("pyroute2").IPRoute() as ipr:
+            chain = [(f.prio, f.name) for f in tc.list_filters(ipr, "veth0") if f.direction == "ingress"]
+    assert chain == [(100, "sluice:chainprobe:probe_count"), (300, "sluice:chainprobe:probe_drop")]
+
+    assert not udp_delivered(pair, 9)  # the second program drops it...
+    assert udp_delivered(pair, 10)  # ...and passes the rest on to the stack
+    assert seen(bpf, 0) >= 2 and seen(bpf, 2) >= 2  # both programs saw both packets
+
+    # A program that ends the chain (TC_ACT_OK) placed between them: the drop never runs.
+    with in_netns(pair.b):
+        bpf = dp.load("chainprobe", [program(("probe_count", 100), ("probe_pass", 200), ("probe_drop", 300))])[
+            "chainprobe"
+        ]
+    drops_before = seen(bpf, 2)
+    assert udp_delivered(pair, 9)
+    assert seen(bpf, 1) >= 1 and seen(bpf, 2) == drops_before
+
+    with in_netns(pair.b):
+        removed = dp.detach()
+        with __import__("pyroute2").IPRoute() as ipr:
+            assert tc.list_filters(ipr, "veth0") == []
+    assert len(removed) == 3
+
+
+def test_trace_shows_every_programs_verdict(pair, bpffs, state_dir):
+    with in_netns(pair.b):
+        dp = Datapath(bpffs, state_dir, [])
+        bpf = dp.load("chainprobe", [program(("probe_count", 100), ("probe_drop", 300))])["chainprobe"]
+    Map.from_bcc(bpf[b"probe_drop_port"]).set(ct.c_uint32(0), ct.c_uint32(9))
+    try:
+        with TraceSession(bpffs, proto=socket.IPPROTO_UDP, port=9) as trace:
+            assert not udp_delivered(pair, 9)
+            udp_delivered(pair, 10)  # filtered out by port
+            events, deadline = [], time.monotonic() + 3
+            while len(events) < 2 and time.monotonic() < deadline:
+                events += trace.poll(100)
+        assert [(e.fn, e.verdict, e.reason) for e in events] == [
+            ("probe_count", "next", "counted"),
+            ("probe_drop", "drop", "udp-port"),
+        ]
+        assert events[0].pkt == events[1].pkt  # one packet, seen by both programs
+        assert events[0].src == pair.addr("a") and events[0].dport == 9 and events[0].plugin == "chainprobe"
+    finally:
+        with in_netns(pair.b):
+            dp.detach()
+
+
+def test_trace_switch_is_off_after_the_reader_closes(pair, bpffs, state_dir):
+    with in_netns(pair.b):
+        dp = Datapath(bpffs, state_dir, [])
+        dp.load("chainprobe", [program(("probe_count", 100))])
+    try:
+        with TraceSession(bpffs):
+            pass
+        with Map.open_pinned(bpffs / "sluice" / "core" / "sluice_trace_cfg") as cfg:
+            (_, value), = cfg.items()
+            assert bytes(value)[:4] == b"\0\0\0\0"
+    finally:
+        with in_netns(pair.b):
+            dp.detach()
