@@ -6,9 +6,7 @@ Every error is one line on stderr with a non-zero exit, never a traceback; every
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
-import os
 import socket
 import sys
 from pathlib import Path
@@ -382,7 +380,12 @@ def build_cli(manager: PluginManager | None = None) -> click.Group:
     # ---- plugin commands ------------------------------------------------------------------
     taken = {name: "core" for name in root.commands}
     for plugin in manager.available():
-        for command in manager.call(plugin, "sluice_cli_commands") or []:
+        try:
+            commands = manager.call(plugin, "sluice_cli_commands") or []
+        except Exception as exc:  # one broken plugin must not take the whole CLI (and the agent) down
+            click.echo(f"warning: {plugin}: no CLI commands: {type(exc).__name__}: {exc}", err=True)
+            continue
+        for command in commands:
             if command.name in taken:
                 click.echo(
                     f"warning: {plugin}: command {command.name!r} is taken by {taken[command.name]}", err=True
@@ -416,18 +419,12 @@ def _ifnames() -> dict[int, str]:
 
 
 def _enter_netns(name: str) -> None:
-    path = Path(name) if "/" in name else Path("/run/netns") / name
+    from sluice import netns
+
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        raise CLIError(f"network namespace {name} not found") from None
-    try:
-        # os.setns arrived in Python 3.12; Debian 12's BCC bindings pin us to 3.11.
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
-            raise CLIError(f"cannot enter network namespace {name}: {os.strerror(ctypes.get_errno())}")
-    finally:
-        os.close(fd)
+        netns.enter(name)
+    except OSError as exc:
+        raise CLIError(f"cannot enter network namespace {name}: {exc.strerror}") from None
 
 
 def _api_get(obj: Obj, path: str):

@@ -22,7 +22,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -423,15 +423,13 @@ def _outside_event_loop(fn: Callable[[], object]) -> object:
 @contextmanager
 def _scratch_netns():
     """An IPRoute in a fresh, uniquely named network namespace, removed afterwards."""
-    from pyroute2 import NetNS, netns
+    from pyroute2 import IPRoute
 
-    name = f"sluice-probe-{os.getpid()}-{secrets.token_hex(3)}"
-    try:
-        with NetNS(name) as ipr:
+    from sluice import netns
+
+    with netns.scratch(f"sluice-probe-{os.getpid()}-{secrets.token_hex(3)}") as name, netns.inside(name):
+        with IPRoute() as ipr:
             yield ipr
-    finally:
-        with suppress(OSError):
-            netns.remove(name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,7 +46,6 @@ State (configs, logs, pid files, the JetStream store, ``state.json``) lives in
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fnmatch
 import json
 import os
@@ -59,10 +58,12 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from sluice import netns
 
 DEFAULT_PREFIX = "sl-"
 DEFAULT_STATE_ROOT = "/run/sluice/lab"
@@ -141,30 +142,7 @@ def _ifindex(link: _Link, num: int) -> int:
 # Namespace primitives (public: tests/netlab.py builds smaller topologies with them)
 # --------------------------------------------------------------------------------------------
 
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    # os.setns only exists from Python 3.12.
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-@contextlib.contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """Run the body with the calling thread inside namespace ``name``.
-
-    Only this thread moves. Sockets and /proc/sys/net files opened inside stay bound to that
-    namespace after the thread returns, which is what makes in-process probes cheap.
-    """
-    with open("/proc/thread-self/ns/net") as home, open(f"/run/netns/{name}") as target:
-        _setns(target.fileno())
-        try:
-            yield
-        finally:
-            _setns(home.fileno())
+in_netns = netns.inside  # kept under this name: tests and plugins use it
 
 
 def netns_socket(name: str, family: int = 4, kind: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:

@@ -16,7 +16,9 @@ from pathlib import Path
 class AgentProcess:
     """``sluice --netns NS agent run -c CONFIG``, its log in ``log_path``."""
 
-    def __init__(self, config: Path, netns: str | None, plugin_path: Path | None, log_path: Path, socket_path: Path):
+    def __init__(
+        self, config: Path, netns: str | None, plugin_path: Path | None, log_path: Path, socket_path: Path
+    ):
         self.config, self.netns, self.plugin_path = config, netns, plugin_path
         self.log_path, self.socket_path = log_path, socket_path
         self.proc: subprocess.Popen | None = None
@@ -54,7 +56,9 @@ class AgentProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"agent exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}"
+                )
             try:
                 status, body = self.get("/readyz")
                 if status in (200, 503):

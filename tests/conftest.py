@@ -62,8 +62,18 @@ def plugin_path(tmp_path_factory):
 
     target = tmp_path_factory.mktemp("plugins")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--target", str(target), *map(str, PLUGIN_DISTS)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            *map(str, PLUGIN_DISTS),
+        ],
         check=True,
     )
     for leftover in ROOT.glob("examples/*/build"):

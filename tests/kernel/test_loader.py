@@ -12,11 +12,20 @@ from sluice.programs import Program
 
 pytestmark = pytest.mark.kernel
 
-PROBE_C = Path(__file__).resolve().parents[1] / "plugins" / "sluice-chainprobe" / "sluice_chainprobe" / "chainprobe.bpf.c"
+PROBE_C = (
+    Path(__file__).resolve().parents[1]
+    / "plugins"
+    / "sluice-chainprobe"
+    / "sluice_chainprobe"
+    / "chainprobe.bpf.c"
+)
 UDP_FRAME = bytes.fromhex(
-    "020000000002" "020000000001" "0800"  # ethernet
+    "020000000002"
+    "020000000001"
+    "0800"  # ethernet
     "4500001c00004000401100000a0000010a000002"  # ipv4, udp
-    "d43100090008" "0000"  # udp sport 54321 → dport 9
+    "d43100090008"
+    "0000"  # udp sport 54321 → dport 9
 )
 
 

@@ -17,7 +17,13 @@ from tests.netlab import netns_pair
 
 pytestmark = pytest.mark.lab
 
-PROBE_C = Path(__file__).resolve().parents[1] / "plugins" / "sluice-chainprobe" / "sluice_chainprobe" / "chainprobe.bpf.c"
+PROBE_C = (
+    Path(__file__).resolve().parents[1]
+    / "plugins"
+    / "sluice-chainprobe"
+    / "sluice_chainprobe"
+    / "chainprobe.bpf.c"
+)
 
 
 @pytest.fixture
@@ -63,9 +69,9 @@ def test_chain_runs_in_order_and_passes_through(pair, bpffs, state_dir):
 
     # A program that ends the chain (TC_ACT_OK) placed between them: the drop never runs.
     with in_netns(pair.b):
-        bpf = dp.load("chainprobe", [program(("probe_count", 100), ("probe_pass", 200), ("probe_drop", 300))])[
-            "chainprobe"
-        ]
+        bpf = dp.load(
+            "chainprobe", [program(("probe_count", 100), ("probe_pass", 200), ("probe_drop", 300))]
+        )["chainprobe"]
     drops_before = seen(bpf, 2)
     assert udp_delivered(pair, 9)
     assert seen(bpf, 1) >= 1 and seen(bpf, 2) == drops_before
@@ -108,7 +114,7 @@ def test_trace_switch_is_off_after_the_reader_closes(pair, bpffs, state_dir):
         with TraceSession(bpffs):
             pass
         with Map.open_pinned(bpffs / "sluice" / "core" / "sluice_trace_cfg") as cfg:
-            (_, value), = cfg.items()
+            ((_, value),) = cfg.items()
             assert bytes(value)[:4] == b"\0\0\0\0"
     finally:
         with in_netns(pair.b):

@@ -77,7 +77,9 @@ def test_plugin_schema_errors_name_the_key(tmp_path):
     module.sluice_config_schema = staticmethod(hookimpl(lambda: Schema))
     m = PluginManager()
     m.register(module, "probe")
-    lines = problems(tmp_path, "[agent]\nplugins = ['probe']\n[plugins.probe]\ninterval = 'x'\nextra = 1\n", m)
+    lines = problems(
+        tmp_path, "[agent]\nplugins = ['probe']\n[plugins.probe]\ninterval = 'x'\nextra = 1\n", m
+    )
     assert any("plugins.probe.interval" in ln and "integer" in ln for ln in lines)
     assert any("plugins.probe.extra: unknown key" in ln for ln in lines)
 

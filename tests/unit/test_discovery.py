@@ -77,8 +77,12 @@ def test_no_top_level_core_or_plugins_module():
 def test_cli_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[agent]\nplugins = ['nope']\n")
-    for argv in (["-c", str(bad), "plugins", "list"], ["maps", "dump", "nothing"], ["trace", "--filter", "port x"],
-                 ["--netns", "no-such-ns-xyz", "hooks"]):
+    for argv in (
+        ["-c", str(bad), "plugins", "list"],
+        ["maps", "dump", "nothing"],
+        ["trace", "--filter", "port x"],
+        ["--netns", "no-such-ns-xyz", "hooks"],
+    ):
         proc = subprocess.run([sys.executable, "-m", "sluice", *argv], capture_output=True, text=True)
         assert proc.returncode != 0, argv
         assert "Traceback" not in proc.stderr, proc.stderr

@@ -1,0 +1,205 @@
+"""The real agent in the lab's gateway: readiness, failure isolation, reload, restarts under traffic,
+and cleanup. The datapath must keep enforcing while the agent is stopped or dead."""
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from sluice.bpf import tc
+from sluice.lab import in_netns, netns_socket
+from tests.agentproc import AgentProcess
+from tests.netlab import lab as make_lab
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with make_lab() as lb:
+        yield lb
+
+
+def write_config(path, bpffs, state, *, plugins, sections):
+    path.write_text(
+        f"""[agent]
+plugins = {plugins!r}
+bpffs = "{bpffs}"
+state_dir = "{state}"
+cache_dir = "/var/cache/sluice"
+metrics_address = ""
+stop_timeout = 10
+{sections}
+"""
+    )
+    return path
+
+
+PROBE = """
+[plugins.chainprobe]
+drop_udp_port = 9
+attach = [
+  {{ fn = "probe_count", iface = "ingress0", order = 100 }},
+  {{ fn = "probe_drop", iface = "{iface}", order = 300 }},
+]
+"""
+
+
+@pytest.fixture
+def agent(lab, bpffs, tmp_path, plugin_path):
+    state = tmp_path / "state"
+    cfg = write_config(
+        tmp_path / "agent.toml", bpffs, state, plugins=["chainprobe"], sections=PROBE.format(iface="ingress0")
+    )
+    proc = AgentProcess(cfg, lab.ns("gw"), plugin_path, tmp_path / "agent.log", state / "sluice.sock")
+    yield proc
+    proc.stop()
+    run_cli(lab, plugin_path, cfg, "cleanup")
+
+
+def run_cli(lab, plugin_path, cfg, *argv):
+    env = {"PYTHONPATH": str(plugin_path), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    return subprocess.run(
+        [sys.executable, "-m", "sluice", "--netns", lab.ns("gw"), "-c", str(cfg), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+
+
+def gw_filters(lab):
+    with in_netns(lab.ns("gw")):
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            return [(f.iface, f.direction, f.prio, f.name) for f in tc.list_filters(ipr) if f.owned]
+
+
+def udp_reaches_server(lab, port=9) -> bool:
+    rx = netns_socket(lab.ns("server"), 4, socket.SOCK_DGRAM)
+    tx = netns_socket(lab.ns("client"), 4, socket.SOCK_DGRAM)
+    with rx, tx:
+        rx.bind(("0.0.0.0", port))
+        rx.settimeout(0.5)
+        tx.sendto(b"x", (lab.addr("server"), port))
+        try:
+            return rx.recv(10) == b"x"
+        except TimeoutError:
+            return False
+
+
+class PingFlood:
+    """``ping`` from the client to the server through the gateway, in the background."""
+
+    def __init__(self, lab, count=1500, interval=0.004):
+        self.proc = lab.popen(
+            "client",
+            ["ping", "-q", "-n", "-i", str(interval), "-c", str(count), "-W", "1", lab.addr("server")],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.result = ""
+        self.thread = threading.Thread(target=lambda: setattr(self, "result", self.proc.communicate()[0]))
+        self.thread.start()
+
+    def finish(self):
+        self.thread.join(60)
+        line = next(ln for ln in self.result.splitlines() if "packets transmitted" in ln)
+        sent, received = (int(line.split()[i]) for i in (0, 3))
+        return sent, received
+
+
+def test_ready_and_enforcing(agent, lab):
+    agent.start()
+    status, body = agent.get("/readyz")
+    assert status == 200 and body["plugins"]["chainprobe"] == {"state": "running", "ready": True}
+    assert gw_filters(lab) == [
+        ("ingress0", "ingress", 100, "sluice:chainprobe:probe_count"),
+        ("ingress0", "ingress", 300, "sluice:chainprobe:probe_drop"),
+    ]
+    assert not udp_reaches_server(lab, 9) and udp_reaches_server(lab, 10)
+    status, text = agent.get("/metrics")
+    assert 'sluice_core_plugin_up{plugin="chainprobe",state="running"} 1.0' in text
+
+
+def test_restarts_under_a_ping_flood_lose_nothing(agent, lab):
+    agent.start()
+    flood = PingFlood(lab)
+    for stop in (signal.SIGTERM, signal.SIGKILL):
+        agent.signal(stop)
+        agent.wait(30)
+        # The agent is gone: its programs are still attached and still enforce.
+        assert len(gw_filters(lab)) == 2
+        assert not udp_reaches_server(lab, 9)
+        agent.start()  # adopts the pins and replaces the filters in place
+        assert not udp_reaches_server(lab, 9)
+    sent, received = flood.finish()
+    assert sent >= 1000 and received == sent, f"lost {sent - received} of {sent} pings across restarts"
+
+
+def test_a_failing_plugin_does_not_stop_the_others(lab, bpffs, tmp_path, plugin_path):
+    state = tmp_path / "state"
+    cfg = write_config(
+        tmp_path / "agent.toml",
+        bpffs,
+        state,
+        plugins=["chainprobe", "hello"],
+        sections=PROBE.format(iface="nosuchif0") + '\n[plugins.hello]\ninterface = "ingress0"\n',
+    )
+    proc = AgentProcess(cfg, lab.ns("gw"), plugin_path, tmp_path / "agent.log", state / "sluice.sock")
+    try:
+        proc.start()
+        status, body = proc.get("/readyz")
+        assert status == 503
+        assert body["plugins"]["chainprobe"]["state"] == "failed"
+        assert "nosuchif0" in body["plugins"]["chainprobe"]["reason"]
+        assert body["plugins"]["hello"] == {"state": "running", "ready": True}
+        _, plugins = proc.get("/v1/plugins")
+        hello = next(p for p in plugins if p["name"] == "hello")
+        assert hello["attach"] == ["tc/ingress0/ingress#150:hello_ingress"] and hello["maps"] == [
+            "hello_packets"
+        ]
+    finally:
+        proc.stop()
+        run_cli(lab, plugin_path, cfg, "cleanup")
+
+
+def test_reload_keeps_running_on_a_bad_config_and_applies_a_good_one(agent, lab):
+    agent.start()
+    good = agent.config.read_text()
+    agent.config.write_text(good.replace("drop_udp_port = 9", "drop_udp_port = 'nine'"))
+    agent.signal(signal.SIGHUP)
+    assert not udp_reaches_server(lab, 9)  # still the old config
+    agent.wait_ready()
+    log = agent.log_path.read_text()
+    assert "reload rejected" in log and "drop_udp_port" in log
+
+    agent.config.write_text(good.replace("drop_udp_port = 9", "drop_udp_port = 10"))
+    agent.signal(signal.SIGHUP)
+    for _ in range(50):
+        if udp_reaches_server(lab, 9):
+            break
+    assert udp_reaches_server(lab, 9) and not udp_reaches_server(lab, 10)
+
+
+def test_cleanup_removes_exactly_what_sluice_attached(agent, lab, bpffs, plugin_path):
+    from bcc import BPF
+    from pyroute2 import IPRoute
+
+    other = BPF(text=b"int other(struct __sk_buff *skb) { return -1; }")
+    fd = other.load_func(b"other", BPF.SCHED_CLS).fd
+    with in_netns(lab.ns("gw")), IPRoute() as ipr:  # a filter someone else attached to the same hook
+        tc.attach(ipr, "ingress0", "ingress", 49000, fd, "someone-else")
+    agent.start()
+    agent.stop()
+    result = run_cli(lab, plugin_path, agent.config, "cleanup", "--json")
+    assert result.returncode == 0, result.stderr
+    assert gw_filters(lab) == []
+    assert not (bpffs / "sluice").exists()
+    with in_netns(lab.ns("gw")), IPRoute() as ipr:
+        left = [(f.prio, f.name) for f in tc.list_filters(ipr, "ingress0")]
+    assert left == [(49000, "someone-else")]  # untouched, and so is the clsact qdisc it needs
+    other.cleanup()
