@@ -427,9 +427,9 @@ def _scratch_netns():
 
     from sluice import netns
 
-    with netns.scratch(f"sluice-probe-{os.getpid()}-{secrets.token_hex(3)}") as name, netns.inside(name):
-        with IPRoute() as ipr:
-            yield ipr
+    name = f"sluice-probe-{os.getpid()}-{secrets.token_hex(3)}"
+    with netns.scratch(name), netns.inside(name), IPRoute() as ipr:
+        yield ipr
 
 
 # --------------------------------------------------------------------------------------------
