@@ -15,7 +15,7 @@ test: bootstrap lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: bootstrap
-	$(PY) -m sluice.demo
+	$(PY) scripts/demo.py
 
 bench: bootstrap
 	for b in benchmarks/*/bench_*.py; do $(PY) $$b || exit 1; done

@@ -428,26 +428,14 @@ def _enter_netns(name: str) -> None:
 
 
 def _api_get(obj: Obj, path: str):
-    """GET ``path`` from the running agent's socket; None when no agent answers."""
-    import http.client
-
-    sock_path = obj.settings.socket_path
-    if not sock_path.exists():
-        return None
-
-    class Conn(http.client.HTTPConnection):
-        def connect(self):
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(5)
-            self.sock.connect(str(sock_path))
+    """GET ``path`` from the running agent; None when no agent answers."""
+    from sluice.client import AgentClient, AgentUnavailable
 
     try:
-        conn = Conn("localhost")
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return json.loads(resp.read()) if resp.status == 200 else None
-    except OSError:
+        status, body = AgentClient(obj.settings.socket_path, timeout=5).get(path)
+    except AgentUnavailable:
         return None
+    return body if status == 200 else None
 
 
 def main() -> None:

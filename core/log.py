@@ -32,5 +32,6 @@ def configure(level: str = "info", *, json: bool | None = None) -> None:
     )
 
 
-def get(plugin: str = "core") -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger("sluice").bind(plugin=plugin)
+def get(plugin: str = "core"):
+    """A logger bound to ``plugin``. Lazy: module-level loggers follow configure() called later."""
+    return structlog.get_logger("sluice", plugin=plugin)

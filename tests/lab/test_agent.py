@@ -11,7 +11,7 @@ import pytest
 
 from sluice.bpf import tc
 from sluice.lab import in_netns, netns_socket
-from tests.agentproc import AgentProcess
+from sluice.testing import AgentProcess
 from tests.netlab import lab as make_lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
