@@ -362,7 +362,7 @@ def build_cli(manager: PluginManager | None = None) -> click.Group:
     @lab.command("down")
     @click.option("--prefix", default="sl-", show_default=True)
     def lab_down(prefix):
-        """Remove every namespace, link, pin and process the lab made."""
+        """Remove every namespace, link, process and file the lab made."""
         from sluice.lab import Lab, LabSpec
 
         Lab(LabSpec(prefix=prefix)).down()
@@ -376,6 +376,15 @@ def build_cli(manager: PluginManager | None = None) -> click.Group:
         from sluice.lab import Lab
 
         emit(Lab.status(prefix), as_json, lambda s: json.dumps(s, indent=2, default=str))
+
+    @lab.command("cleanup")
+    @click.option("--glob", "prefix_glob", default="sl*-", show_default=True)
+    def lab_cleanup(prefix_glob):
+        """Remove labs that crashed runs left behind."""
+        from sluice.lab import lab_cleanup_all
+
+        removed = lab_cleanup_all(prefix_glob)
+        click.echo(f"removed {len(removed)} leftover lab pieces" + (f": {', '.join(removed)}" if removed else ""))
 
     # ---- plugin commands ------------------------------------------------------------------
     taken = {name: "core" for name in root.commands}
