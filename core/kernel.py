@@ -1,8 +1,8 @@
 """Kernel feature probes, and the preparation BCC needs (mounted filesystems, a header tree).
 
 Every probe is cheap: nothing here compiles with BCC. Maps and two-instruction programs go
-through libbpf with ctypes; link types and TC attachment are tried in a throwaway network
-namespace, never in the caller's. ``sluice doctor`` prints the results and the core asks
+through libbpf (:mod:`sluice.bpf.libbpf`); link types and TC attachment are tried in a throwaway
+network namespace, never in the caller's. ``sluice doctor`` prints the results and the core asks
 :class:`Features` whether a plugin's requirements are met.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import errno
 import functools
 import os
@@ -299,65 +298,23 @@ def prepare_bcc(cache_dir: Path) -> Check:
 
 
 # --------------------------------------------------------------------------------------------
-# libbpf through ctypes
+# BPF objects through sluice.bpf (libbpf, no BCC)
 # --------------------------------------------------------------------------------------------
 
-BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_RINGBUF = 1, 11, 27
-BPF_PROG_TYPE_SCHED_CLS, BPF_PROG_TYPE_TRACING = 3, 26
-BPF_TRACE_FENTRY = 24
-BPF_F_NO_PREALLOC = 1  # LPM tries must be created without preallocation
 # r0 = 0; exit. Each struct bpf_insn is 8 bytes with the opcode first; the rest is zero here,
 # so these bytes are right on either endianness.
 _RETURN_ZERO = bytes.fromhex("b7000000000000009500000000000000")
-_u32, _u64 = ctypes.c_uint32, ctypes.c_uint64
+_PROBE_NAME = "sluice_probe"
 
 
-# libbpf's option structs start with their own size, so this prefix of the 1.x layouts stays
-# valid for every later libbpf.
-class _MapCreateOpts(ctypes.Structure):
-    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", _u32), ("btf_key_type_id", _u32)]
-    _fields_ += [("btf_value_type_id", _u32), ("btf_vmlinux_value_type_id", _u32), ("inner_map_fd", _u32)]
-    _fields_ += [("map_flags", _u32), ("map_extra", _u64), ("numa_node", _u32), ("map_ifindex", _u32)]
-
-
-class _ProgLoadOpts(ctypes.Structure):
-    _fields_ = [("sz", ctypes.c_size_t), ("attempts", ctypes.c_int), ("expected_attach_type", _u32)]
-    _fields_ += [("prog_btf_fd", _u32), ("prog_flags", _u32), ("prog_ifindex", _u32), ("kern_version", _u32)]
-    _fields_ += [("attach_btf_id", _u32), ("attach_prog_fd", _u32), ("attach_btf_obj_fd", _u32)]
-
-
-class _TestRunOpts(ctypes.Structure):
-    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p)]
-    _fields_ += [("data_size_in", _u32), ("data_size_out", _u32)]
-    _fields_ += [("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p)]
-    _fields_ += [("ctx_size_in", _u32), ("ctx_size_out", _u32), ("retval", _u32), ("repeat", ctypes.c_int)]
-    _fields_ += [("duration", _u32), ("flags", _u32), ("cpu", _u32)]
-
-
-@functools.cache
-def _libbpf() -> ctypes.CDLL:
-    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+def _libbpf():
+    """:mod:`sluice.bpf.libbpf`, imported on first use: without libbpf 1.x (it binds the 1.x API
+    at import) only the BPF probes fail, each with a fix, and the other checks still run."""
     try:
-        lib = ctypes.CDLL(name, use_errno=True)
-        lib.bpf_map_create  # noqa: B018  (the 1.x API: absent from libbpf 0.x)
+        from sluice.bpf import libbpf
     except (OSError, AttributeError) as exc:
         raise OSError(errno.ENOENT, f"libbpf >= 1.0 not loadable ({exc})") from exc
-    lib.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p, _u32, _u32, _u32, ctypes.c_void_p]
-    lib.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p]
-    lib.bpf_prog_load.argtypes += [ctypes.c_size_t, ctypes.c_void_p]
-    lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, _u64]
-    lib.bpf_map_lookup_batch.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6
-    lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    lib.bpf_raw_tracepoint_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    lib.libbpf_find_vmlinux_btf_id.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    return lib
-
-
-def _ok(rc: int, what: str) -> int:
-    """libbpf 1.x returns -errno on failure."""
-    if rc < 0:
-        raise OSError(-rc, f"{what}: {os.strerror(-rc)}")
-    return rc
+    return libbpf
 
 
 @contextmanager
@@ -368,22 +325,25 @@ def _closing(fd: int) -> Iterator[int]:
         os.close(fd)
 
 
-def _map(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int = 0):
-    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
-    rc = _libbpf().bpf_map_create(
-        map_type, b"sluice_probe", key_size, value_size, max_entries, ctypes.byref(opts)
-    )
-    return _closing(_ok(rc, "creating a map"))
+def _map(map_type: str, key: int | type, value: int | type, max_entries: int, flags: int = 0):
+    """A :class:`~sluice.bpf.maps.Map` of the ``MapType`` named ``map_type``, closed on exit."""
+    lb = _libbpf()
+    from sluice.bpf.maps import Map
+
+    return Map.create(lb.MapType[map_type], key, value, max_entries, name=_PROBE_NAME, flags=flags)
 
 
-def _prog(prog_type: int, attach_type: int = 0, attach_btf_id: int = 0):
-    insns = ctypes.create_string_buffer(_RETURN_ZERO, len(_RETURN_ZERO))
-    opts = _ProgLoadOpts(
-        sz=ctypes.sizeof(_ProgLoadOpts), expected_attach_type=attach_type, attach_btf_id=attach_btf_id
+def _prog(prog_type: str, attach_type: int = 0, attach_btf_id: int = 0):
+    """The fd of a loaded ``return 0`` program of the ``ProgType`` named ``prog_type``, closed on exit."""
+    lb = _libbpf()
+    fd = lb.prog_load(
+        lb.ProgType[prog_type],
+        _RETURN_ZERO,
+        name=_PROBE_NAME,
+        expected_attach_type=attach_type,
+        attach_btf_id=attach_btf_id,
     )
-    rc = _libbpf().bpf_prog_load(prog_type, b"sluice_probe", b"GPL", insns, 2, ctypes.byref(opts))
-    kind = {BPF_PROG_TYPE_SCHED_CLS: "SCHED_CLS", BPF_PROG_TYPE_TRACING: "TRACING"}[prog_type]
-    return _closing(_ok(rc, f"loading a {kind} program"))
+    return _closing(fd)
 
 
 def _bpf_fix(err: OSError) -> str:
@@ -391,7 +351,7 @@ def _bpf_fix(err: OSError) -> str:
         return f"{ROOT_FIX}; if root already, check kernel lockdown and seccomp"
     if err.errno == errno.ENOSYS:
         return "use a kernel built with CONFIG_BPF_SYSCALL"
-    if err.errno == errno.ENOENT and "libbpf" in str(err):
+    if err.errno == errno.ENOENT and "not loadable" in str(err):
         return "install libbpf 1.x (Debian: apt install libbpf1)"
     return "use a newer kernel (see the detail for what the kernel refused)"
 
@@ -480,7 +440,7 @@ def check_btf() -> Check:
 
 def check_bpf_syscall() -> Check:
     def create() -> str:
-        with _map(BPF_MAP_TYPE_HASH, 4, 4, 1):
+        with _map("HASH", 4, 4, 1):
             return "created a hash map"
 
     return _bpf_check("bpf-syscall", create)
@@ -490,7 +450,7 @@ def check_tc() -> Check:
     """Load a SCHED_CLS program and attach it to a clsact hook, which also proves clsact and
     cls_bpf are there (loading alone would not)."""
     try:
-        loaded = _prog(BPF_PROG_TYPE_SCHED_CLS)
+        loaded = _prog("SCHED_CLS")
     except OSError as exc:
         return Check("tc", False, exc.strerror or str(exc), _bpf_fix(exc))
     with loaded as fd:
@@ -569,6 +529,9 @@ _KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe/type")
 _KPROBE_TARGET = "vfs_read"  # exported, never inlined, not on the kprobe blacklist
 
 
+_u32, _u64 = ctypes.c_uint32, ctypes.c_uint64
+
+
 class _PerfEventAttr(ctypes.Structure):  # PERF_ATTR_SIZE_VER1 prefix
     _fields_ = [("type", _u32), ("size", _u32), ("config", _u64), ("sample_period", _u64)]
     _fields_ += [("sample_type", _u64), ("read_format", _u64), ("flags", _u64), ("wakeup_events", _u32)]
@@ -634,13 +597,10 @@ def check_fentry() -> Check:
         return Check("fentry", False, "needs vmlinux BTF", "use a kernel built with CONFIG_DEBUG_INFO_BTF")
 
     def attach() -> str:
-        btf_id = _ok(
-            _libbpf().libbpf_find_vmlinux_btf_id(_FENTRY_TARGET.encode(), BPF_TRACE_FENTRY),
-            f"finding {_FENTRY_TARGET} in BTF",
-        )
-        with _prog(BPF_PROG_TYPE_TRACING, BPF_TRACE_FENTRY, btf_id) as fd:
-            link = _ok(_libbpf().bpf_raw_tracepoint_open(None, fd), "attaching")
-            os.close(link)
+        lb = _libbpf()
+        btf_id = lb.find_vmlinux_btf_id(_FENTRY_TARGET, lb.BPF_TRACE_FENTRY)
+        with _prog("TRACING", lb.BPF_TRACE_FENTRY, btf_id) as fd:
+            os.close(lb.raw_tracepoint_open(None, fd))  # the link: closing it detaches
         return f"attached to {_FENTRY_TARGET}{suffix}"
 
     try:
@@ -656,7 +616,7 @@ def check_fentry() -> Check:
 
 def check_ringbuf() -> Check:
     def create() -> str:
-        with _map(BPF_MAP_TYPE_RINGBUF, 0, 0, 4096):
+        with _map("RINGBUF", 0, 0, 4096):
             return "created a 4 KiB ring buffer"
 
     return _bpf_check("ringbuf", create)
@@ -664,7 +624,7 @@ def check_ringbuf() -> Check:
 
 def check_lpm_trie() -> Check:
     def create() -> str:
-        with _map(BPF_MAP_TYPE_LPM_TRIE, 8, 4, 16, BPF_F_NO_PREALLOC):
+        with _map("LPM_TRIE", 8, 4, 16, flags=_libbpf().BPF_F_NO_PREALLOC):  # LPM tries require it
             return "created an LPM trie"
 
     return _bpf_check("lpm-trie", create)
@@ -672,16 +632,14 @@ def check_lpm_trie() -> Check:
 
 def check_batch_ops() -> Check:
     def lookup() -> str:
-        lib = _libbpf()
-        with _map(BPF_MAP_TYPE_HASH, 4, 4, 8) as fd:
-            key, value = _u32(1), _u32(2)
-            _ok(lib.bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0), "updating")
-            keys, values, out_batch, count = (_u32 * 8)(), (_u32 * 8)(), _u32(), _u32(8)
-            rc = lib.bpf_map_lookup_batch(
-                fd, None, ctypes.byref(out_batch), keys, values, ctypes.byref(count), None
-            )
-            if rc != -errno.ENOENT:  # ENOENT means the batch reached the end of the map: success
-                _ok(rc, "bpf_map_lookup_batch")
+        u32 = ctypes.c_uint32
+        with _map("HASH", u32, u32, 8) as bpf_map:
+            bpf_map.set(1, 2)
+            keys, values, out_batch, count = (u32 * 8)(), (u32 * 8)(), u32(), u32(8)
+            try:  # straight to libbpf: Map's walks fall back to per-key calls without batch support
+                _libbpf().map_lookup_batch(bpf_map.fd, None, out_batch, keys, values, count)
+            except FileNotFoundError:  # ENOENT: the batch reached the end of the map, a success
+                pass
             return f"batch lookup returned {count.value} of 1 entries"
 
     return _bpf_check("batch-ops", lookup)
@@ -689,13 +647,12 @@ def check_batch_ops() -> Check:
 
 def check_prog_test_run() -> Check:
     def run() -> str:
-        frame = ctypes.create_string_buffer(bytes(12) + b"\x08\x00" + bytes(50), 64)  # IPv4 ethertype
-        opts = _TestRunOpts(
-            sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.addressof(frame), data_size_in=64, repeat=1
-        )
-        with _prog(BPF_PROG_TYPE_SCHED_CLS) as fd:
-            _ok(_libbpf().bpf_prog_test_run_opts(fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
-        return f"ran a SCHED_CLS program on a 64-byte frame: retval {opts.retval}"
+        frame = bytes(12) + b"\x08\x00" + bytes(50)  # 64 bytes, IPv4 ethertype
+        with _prog("SCHED_CLS") as fd:
+            from sluice.bpf.testrun import test_run
+
+            result = test_run(fd, frame, data_size_out=0)
+        return f"ran a SCHED_CLS program on a 64-byte frame: retval {result.retval}"
 
     return _bpf_check("prog-test-run", run)
 

@@ -40,6 +40,9 @@ BPF_F_WRONLY = 1 << 4
 
 BPF_OBJ_NAME_LEN = 16
 BPF_TAG_SIZE = 8
+BPF_INSN_SIZE = 8  # sizeof(struct bpf_insn)
+# Attach types (enum bpf_attach_type) used with prog_load.
+BPF_TRACE_FENTRY = 24
 
 
 class MapType(enum.IntEnum):
@@ -152,6 +155,23 @@ class _MapCreateOpts(ct.Structure):
         ("map_extra", ct.c_uint64),
         ("numa_node", ct.c_uint32),
         ("map_ifindex", ct.c_uint32),
+    ]
+
+
+class _ProgLoadOpts(ct.Structure):
+    # A prefix of struct bpf_prog_load_opts: libbpf takes the size from ``sz``, so later fields
+    # (fd_array, BTF func info, the verifier log) simply stay unset.
+    _fields_ = [
+        ("sz", ct.c_size_t),
+        ("attempts", ct.c_int),
+        ("expected_attach_type", ct.c_uint32),
+        ("prog_btf_fd", ct.c_uint32),
+        ("prog_flags", ct.c_uint32),
+        ("prog_ifindex", ct.c_uint32),
+        ("kern_version", ct.c_uint32),
+        ("attach_btf_id", ct.c_uint32),
+        ("attach_prog_fd", ct.c_uint32),
+        ("attach_btf_obj_fd", ct.c_uint32),
     ]
 
 
@@ -290,6 +310,9 @@ _lookup_and_delete_batch = _proto(
 _update_batch = _proto("bpf_map_update_batch", _c_int, _vp, _vp, _u32p, _bopts)
 _delete_batch = _proto("bpf_map_delete_batch", _c_int, _vp, _u32p, _bopts)
 _test_run_opts = _proto("bpf_prog_test_run_opts", _c_int, ct.POINTER(TestRunOpts))
+_prog_load = _proto("bpf_prog_load", _c_int, _cp, _cp, _vp, ct.c_size_t, ct.POINTER(_ProgLoadOpts))
+_raw_tracepoint_open = _proto("bpf_raw_tracepoint_open", _cp, _c_int)
+_find_vmlinux_btf_id = _proto("libbpf_find_vmlinux_btf_id", _cp, _c_int)
 _prog_get_fd_by_id = _proto("bpf_prog_get_fd_by_id", _u32)
 _map_get_fd_by_id = _proto("bpf_map_get_fd_by_id", _u32)
 
@@ -456,6 +479,47 @@ def map_delete_batch(fd: int, keys, count: ct.c_uint32, *, elem_flags=0, flags=0
 
 
 # --- programs ----------------------------------------------------------------------------------
+
+
+def prog_load(
+    prog_type: int,
+    insns: bytes,
+    *,
+    name: str = "",
+    license: str = "GPL",
+    expected_attach_type: int = 0,
+    attach_btf_id: int = 0,
+) -> int:
+    """Load raw instructions (``struct bpf_insn`` bytes) without BCC; returns the program's fd.
+
+    Tracing programs (fentry, fexit) name their attach type and target: ``attach_btf_id`` from
+    :func:`find_vmlinux_btf_id`.
+    """
+    opts = _ProgLoadOpts(
+        sz=ct.sizeof(_ProgLoadOpts), expected_attach_type=expected_attach_type, attach_btf_id=attach_btf_id
+    )
+    buf = ct.create_string_buffer(insns, len(insns))
+    ret = _prog_load(
+        int(prog_type),
+        name.encode() or None,
+        license.encode(),
+        buf,
+        len(insns) // BPF_INSN_SIZE,
+        ct.byref(opts),
+    )
+    return _check(ret, "bpf_prog_load", f"{type_name(_enum(ProgType, prog_type))} program {name!r}")
+
+
+def find_vmlinux_btf_id(func: str, attach_type: int) -> int:
+    """The BTF id of ``func`` in vmlinux BTF (/sys/kernel/btf/vmlinux), as ``attach_type`` names it."""
+    return _check(_find_vmlinux_btf_id(func.encode(), attach_type), "libbpf_find_vmlinux_btf_id", func)
+
+
+def raw_tracepoint_open(name: str | None, prog_fd: int) -> int:
+    """Attach a raw tracepoint program to ``name``, or a tracing program (fentry…) to its BTF
+    target with ``name=None``; returns the link fd, which detaches when closed."""
+    ret = _raw_tracepoint_open(name.encode() if name else None, prog_fd)
+    return _check(ret, "bpf_raw_tracepoint_open", name or f"prog fd {prog_fd}")
 
 
 def prog_test_run_opts(prog_fd: int, opts: TestRunOpts, what: str = "") -> None:
