@@ -82,9 +82,21 @@ class Datapath:
                     if isinstance(point, TC):
                         self._attach_tc(ipr, bpf, plugin, program, point)
                     elif isinstance(point, Tracepoint):
-                        # Tracepoint links live with the agent process; they observe, never enforce.
-                        bpf.attach_tracepoint(tp=point.tracepoint.encode(), fn_name=point.fn.encode())
+                        self._attach_tracepoint(bpf, plugin, point)
         return compiled
+
+    def _attach_tracepoint(self, bpf, plugin: str, point: Tracepoint) -> None:
+        """Tracepoint links live with the agent process: they observe, never enforce.
+
+        BCC attaches ``TRACEPOINT_PROBE`` functions by itself when it compiles; attach only the others.
+        """
+        tp = point.tracepoint.encode()
+        if tp not in bpf.tracepoint_fds:
+            try:
+                bpf.attach_tracepoint(tp=tp, fn_name=point.fn.encode())
+            except Exception as exc:
+                raise loader.CompileError(f"{plugin}: tracepoint {point.tracepoint}: {exc}") from None
+        log.info("attached", plugin=plugin, fn=point.fn, tracepoint=point.tracepoint)
 
     def _attach_tc(self, ipr, bpf, plugin: str, program: Program, point: TC) -> None:
         for other in self.attached:

@@ -11,7 +11,7 @@ from sluice.bpf import tc
 from sluice.bpf.maps import Map
 from sluice.datapath import Datapath
 from sluice.lab import in_netns, netns_socket
-from sluice.programs import TC, Program
+from sluice.programs import TC, Program, Tracepoint
 from sluice.trace import TraceSession
 from tests.netlab import netns_pair
 
@@ -119,3 +119,23 @@ def test_trace_switch_is_off_after_the_reader_closes(pair, bpffs, state_dir):
     finally:
         with in_netns(pair.b):
             dp.detach()
+
+
+def test_tracepoint_program_sees_real_drops(pair, bpffs, state_dir):
+    drops = Program(
+        "drops",
+        PROBE_C.parent / "drops.bpf.c",
+        [Tracepoint("skb:kfree_skb", "tracepoint__skb__kfree_skb")],
+    )
+    dp = Datapath(bpffs, state_dir, [])
+    bpf = dp.load("chainprobe", [drops])["drops"]
+    table = Map.from_bcc(bpf[b"probe_drops"])
+    before = sum(dict(table.items()).values())
+    tx = netns_socket(pair.a, 4, socket.SOCK_DGRAM)
+    with tx:
+        for _ in range(20):  # nobody listens on b:7: the kernel frees each datagram
+            tx.sendto(b"x", (pair.addr("b"), 7))
+    time.sleep(0.2)
+    after = sum(dict(table.items()).values())
+    assert after - before >= 20
+    bpf.cleanup()

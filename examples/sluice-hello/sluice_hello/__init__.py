@@ -47,9 +47,7 @@ def sluice_programs(ctx):
 def read_counts(pin: Path) -> dict[str, int]:
     """Packets per protocol from the pinned map: works while the agent is down."""
     with Map.open_pinned(pin, key_type=ct.c_uint8, value_type=ct.c_uint64) as m:
-        return {
-            PROTOCOLS.get(k.value, str(k.value)): sum(v.value for v in per_cpu) for k, per_cpu in m.items()
-        }
+        return {PROTOCOLS.get(proto, str(proto)): sum(per_cpu) for proto, per_cpu in m.items()}
 
 
 class PacketsCollector:

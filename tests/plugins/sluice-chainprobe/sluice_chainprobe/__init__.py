@@ -14,7 +14,7 @@ from typing import Literal
 import pydantic
 
 from sluice import hookimpl
-from sluice.programs import TC, Program
+from sluice.programs import TC, Program, Tracepoint
 
 
 class Attach(pydantic.BaseModel):
@@ -30,6 +30,7 @@ class Config(pydantic.BaseModel):
     attach: list[Attach] = []
     drop_udp_port: int = 0
     seen_max: int = 16
+    count_drops: bool = False  # a tracepoint program on skb:kfree_skb
 
 
 @hookimpl
@@ -45,7 +46,12 @@ def sluice_requirements():
 @hookimpl
 def sluice_programs(ctx):
     points = [TC(a.iface, a.direction, a.fn, a.order) for a in ctx.config.attach]
-    return [
+    drops = Program(
+        "drops",
+        Path(__file__).parent / "drops.bpf.c",
+        [Tracepoint("skb:kfree_skb", "tracepoint__skb__kfree_skb")],
+    )
+    return [drops] * ctx.config.count_drops + [
         Program(
             "chainprobe",
             Path(__file__).parent / "chainprobe.bpf.c",
