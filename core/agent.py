@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import GaugeMetricFamily
 
 from sluice import __version__, api, config, kernel
 from sluice import log as slog
@@ -78,12 +79,7 @@ class Agent:
         self._signals = 0
         self._runners = []
         self.sections = resolve(cfg, self.manager)
-        self._plugin_state = Gauge(
-            "sluice_core_plugin_up",
-            "1 when the plugin runs, 0 otherwise",
-            ["plugin", "state"],
-            registry=self.registry,
-        )
+        self.registry.register(_PluginStates(self))
         Gauge("sluice_core_build_info", "sluice version", ["version"], registry=self.registry).labels(
             __version__
         ).set(1)
@@ -216,11 +212,6 @@ class Agent:
             out[name] = entry
         return ready, out
 
-    def _update_state_metric(self) -> None:
-        self._plugin_state.clear()
-        for name, state in self.states().items():
-            self._plugin_state.labels(name, state).set(1 if state in ("running", "degraded") else 0)
-
     # ---- run, reload, stop ----------------------------------------------------------------
 
     async def run(self) -> int:
@@ -230,7 +221,6 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         try:
             await self.start()
-            self._update_state_metric()
             app = api.build_app(self)
             self._runners.append(await api.serve_unix(app, self.settings.socket_path))
             if self.settings.metrics_address:
@@ -327,8 +317,22 @@ class Agent:
                     )
                 except Exception as exc:
                     log.error("plugin reload failed", plugin=name, error=f"{type(exc).__name__}: {exc}")
-        self._update_state_metric()
         log.info("reloaded", plugins=self.states())
+
+
+class _PluginStates:
+    """``sluice_core_plugin_up{plugin,state}``, read at scrape time (a failing task shows at once)."""
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "sluice_core_plugin_up", "1 when the plugin runs, 0 otherwise", labels=["plugin", "state"]
+        )
+        for name, state in self.agent.states().items():
+            family.add_metric([name, state], 1 if state in ("running", "degraded") else 0)
+        yield family
 
 
 async def _maybe_await(result) -> None:
