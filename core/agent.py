@@ -9,7 +9,9 @@ and never stops the others. Programs stay attached after the agent exits unless 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import inspect
+import os
 import signal
 import time
 from pathlib import Path
@@ -214,7 +216,25 @@ class Agent:
 
     # ---- run, reload, stop ----------------------------------------------------------------
 
+    def _lock(self) -> None:
+        """One agent per state dir: a second one would fight the first over the same filters."""
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.settings.state_dir / "agent.lock"
+        self._lock_file = open(path, "a+")  # noqa: SIM115 (held for the agent's lifetime)
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.seek(0)
+            pid = self._lock_file.read().strip() or "?"
+            raise StartupError(
+                f"another agent (pid {pid}) is running with state_dir {self.settings.state_dir}"
+            ) from None
+        self._lock_file.truncate(0)
+        self._lock_file.write(str(os.getpid()))
+        self._lock_file.flush()
+
     async def run(self) -> int:
+        self._lock()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)

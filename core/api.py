@@ -14,6 +14,10 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sluice import log as slog
+
+log = slog.get()
+
 if TYPE_CHECKING:
     from sluice.agent import Agent
 
@@ -33,6 +37,9 @@ async def _errors_as_json(request: web.Request, handler):
         return error(exc.status, exc.reason)
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
         return error(400, f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # a plugin's handler bug: answer, log, keep serving
+        log.exception("API handler failed", path=request.path)
+        return error(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
 def build_app(agent: Agent) -> web.Application:

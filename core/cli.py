@@ -112,9 +112,11 @@ def build_cli(manager: PluginManager | None = None) -> click.Group:
             obj.config_path = config_path
         cfg = obj.cfg
         slog.configure(cfg.agent.log_level)
+        from sluice.agent import StartupError
+
         try:
             code = asyncio.run(_run_agent(cfg, obj))
-        except config.ConfigError as exc:
+        except (config.ConfigError, StartupError) as exc:
             raise CLIError(str(exc)) from None
         sys.exit(code)
 
@@ -384,7 +386,9 @@ def build_cli(manager: PluginManager | None = None) -> click.Group:
         from sluice.lab import lab_cleanup_all
 
         removed = lab_cleanup_all(prefix_glob)
-        click.echo(f"removed {len(removed)} leftover lab pieces" + (f": {', '.join(removed)}" if removed else ""))
+        click.echo(
+            f"removed {len(removed)} leftover lab pieces" + (f": {', '.join(removed)}" if removed else "")
+        )
 
     # ---- plugin commands ------------------------------------------------------------------
     taken = {name: "core" for name in root.commands}

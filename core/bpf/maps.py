@@ -13,6 +13,18 @@ aligned slots.
 
 Batch calls see each hash bucket atomically but not the map as a whole: entries changed while a
 walk is in progress may be seen or missed, as with any iteration of a live map.
+
+Typed or raw:
+
+* The typed methods (:meth:`Map.items`, :meth:`Map.update_batch`, :meth:`Map.pop_all`, ...) turn
+  every entry into a Python object and back. Use them for control-plane sized work (config,
+  CLI, tests, a few thousand entries): at a million entries the per-entry encode/decode, not
+  the syscalls, is most of the time.
+* The raw methods (:meth:`Map.items_raw`, :meth:`Map.update_batch_raw`,
+  :meth:`Map.delete_batch_raw`) move whole chunks as contiguous buffers of key_size / value_size
+  records, with no per-entry Python work. Use them for bulk work over whole maps (flow eviction,
+  GC, reconcile), decoding with ``memoryview.cast``, ``struct.iter_unpack``, numpy or
+  ``ctypes.Array.from_buffer`` only what is needed. The typed methods are built on them.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ import ctypes as ct
 import errno
 import os
 import struct
+from array import array
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any
@@ -32,6 +45,34 @@ __all__ = ["Map", "MapInfo", "MapType"]
 
 _CTYPES = (ct._SimpleCData, ct.Structure, ct.Union, ct.Array)
 _ARRAYS = frozenset({MapType.ARRAY, MapType.PERCPU_ARRAY})
+
+
+def _address(buf) -> tuple[object, int]:
+    """``(owner, address)`` of a contiguous buffer; keep ``owner`` referenced while the address is used.
+
+    ``bytes`` and writable buffers (bytearray, ctypes arrays, mmap, writable memoryviews) are used
+    in place; other read-only buffers are copied once.
+    """
+    if type(buf) is not bytes:
+        n = memoryview(buf).nbytes
+        try:
+            arr = (ct.c_char * n).from_buffer(buf)
+            return arr, ct.addressof(arr)
+        except TypeError:  # read-only
+            buf = bytes(buf)
+    return buf, ct.cast(buf, ct.c_void_p).value or 0
+
+
+def _records(buf, size: int, count: int | None, what: str) -> int:
+    """How many ``size``-byte records ``buf`` holds (``count`` when given, checked against its length)."""
+    nbytes = memoryview(buf).nbytes
+    if count is None:
+        if nbytes % size:
+            raise ValueError(f"{what}: {nbytes} bytes is not a whole number of {size}-byte records")
+        return nbytes // size
+    if count < 0 or count * size > nbytes:
+        raise ValueError(f"{what}: {count} records of {size} bytes need {count * size} bytes, got {nbytes}")
+    return count
 
 
 class _NoBatch(Exception):
@@ -66,6 +107,18 @@ class _Codec:
         if len(b) != self.size:
             raise ValueError(f"expected {self.size} bytes, got {len(b)}")
         return b
+
+    def encode_many(self, objs: list) -> bytes:
+        """``objs`` encoded back to back; whole-chunk fast paths for plain ints and ctypes instances."""
+        t = self.ctype
+        if self.pack and all(type(o) is int for o in objs):
+            try:
+                return struct.pack(f"{len(objs)}{self.fmt}", *objs)
+            except struct.error:
+                pass  # out of range: the per-entry encode below raises with the offending value
+        elif t is not None and not self.scalar and all(type(o) is t for o in objs):
+            return b"".join(map(bytes, objs))
+        return b"".join([self.encode(o) for o in objs])
 
     def decode(self, buf: bytes, off: int = 0) -> Any:
         if self.ctype is None:
@@ -294,6 +347,17 @@ class Map:
         for n, kb, vb in self._scan(False, chunk):
             yield from self._pairs(n, kb, vb)
 
+    def items_raw(self, chunk: int = 4096, *, delete: bool = False) -> Iterator[tuple[int, bytes, bytes]]:
+        """All entries as raw chunks ``(n, keys, values)``, one batch syscall per chunk, nothing decoded.
+
+        ``keys`` holds ``n`` records of ``info.key_size`` bytes and ``values`` ``n`` records of
+        :attr:`value_size` bytes (per-CPU maps: ``ncpus`` 8-byte aligned slots each), entry ``i``
+        at ``i * size``. Both are fresh ``bytes`` the caller may keep. With ``delete`` every entry
+        is removed as it is read (BPF_MAP_LOOKUP_AND_DELETE_BATCH): a consumer that stops early
+        leaves the rest in the map. Map types without batch support yield one-entry chunks.
+        """
+        return self._scan(delete, chunk)
+
     def keys(self, chunk: int = 4096) -> Iterator[Any]:
         for n, kb, _ in self._scan(False, chunk, values=False):
             yield from self._key.decode_many(kb, n)
@@ -312,10 +376,15 @@ class Map:
     def clear(self, chunk: int = 4096) -> int:
         """Remove every entry; arrays cannot delete, so their values are zeroed. Returns the count."""
         if self.info.type in _ARRAYS:
-            zero = bytes(self.value_size)
-            return self._update_raw(
-                ((i.to_bytes(4, "little"), zero) for i in range(self.info.max_entries)), chunk
-            )
+            if chunk < 1:
+                raise ValueError("chunk must be at least 1")
+            total, zeros = self.info.max_entries, bytes(chunk * self.value_size)
+            zaddr = _address(zeros)[1]
+            for start in range(0, total, chunk):
+                n = min(chunk, total - start)
+                keys = array("I", range(start, start + n)).tobytes()  # u32 indices, host order
+                self._update_span(_address(keys)[1], zaddr, n, lb.BPF_ANY, start)
+            return total
         return sum(n for n, _, _ in self._scan(True, chunk))
 
     # --- batch writes --------------------------------------------------------------------------
@@ -324,58 +393,101 @@ class Map:
         self, items: Mapping | Iterable[tuple[Any, Any]], chunk: int = 4096, flags: int = lb.BPF_ANY
     ) -> int:
         """Write ``(key, value)`` pairs ``chunk`` per syscall; returns how many were written."""
+        if chunk < 1:
+            raise ValueError("chunk must be at least 1")
         pairs = items.items() if isinstance(items, Mapping) else items
-        ek, ev = self._key.encode, self._one.encode if not self.info.percpu else self._value_bytes
-        return self._update_raw(((ek(k), ev(v)) for k, v in pairs), chunk, flags)
-
-    def _update_raw(self, pairs: Iterable[tuple[bytes, bytes]], chunk: int, flags: int = lb.BPF_ANY) -> int:
         it, total = iter(pairs), 0
+        ek = self._key.encode_many
+        ev = (
+            self._one.encode_many
+            if not self.info.percpu
+            else (lambda vs: b"".join(map(self._value_bytes, vs)))
+        )
         while part := list(islice(it, chunk)):
-            if "update" not in self._no_batch:
-                count = ct.c_uint32(len(part))
-                keys, values = b"".join(k for k, _ in part), b"".join(v for _, v in part)
-                try:
-                    lb.map_update_batch(self.fd, keys, values, count, elem_flags=flags, what=self.what)
-                    total += len(part)
-                    continue
-                except OSError as e:
-                    # An unsupported op fails before touching count, so only the first chunk can tell.
-                    if not (total == 0 and e.errno in lb.UNSUPPORTED):
-                        done = f"{self.what} after {total + count.value} entries"
-                        raise lb.error(e.errno, "bpf_map_update_batch", done) from None
-                    self._no_batch.add("update")  # per-key below raises if the entry itself is bad
-            for k, v in part:
-                lb.map_update_elem(self.fd, k, v, flags, self.what)
+            keys, values = ek([k for k, _ in part]), ev([v for _, v in part])
+            self._update_span(_address(keys)[1], _address(values)[1], len(part), flags, total)
             total += len(part)
         return total
 
+    def update_batch_raw(
+        self, keys, values, count: int | None = None, *, chunk: int = 4096, flags: int = lb.BPF_ANY
+    ) -> int:
+        """Write ``count`` entries from contiguous buffers, ``chunk`` per syscall; returns ``count``.
+
+        ``keys``: ``count`` records of ``info.key_size`` bytes; ``values``: ``count`` records of
+        :attr:`value_size` bytes (the layout :meth:`items_raw` yields). Any buffer works (bytes,
+        bytearray, ctypes arrays, numpy arrays); bytes and writable buffers are not copied.
+        ``count`` defaults to what ``keys`` holds. On failure the OSError says how many entries
+        were written.
+        """
+        if chunk < 1:
+            raise ValueError("chunk must be at least 1")
+        ks, vs = self.info.key_size, self.value_size
+        n = _records(keys, ks, count, f"{self.what} keys")
+        _records(values, vs, n, f"{self.what} values")
+        kown, kaddr = _address(keys)
+        vown, vaddr = _address(values)
+        for start in range(0, n, chunk):
+            self._update_span(kaddr + start * ks, vaddr + start * vs, min(chunk, n - start), flags, start)
+        return n
+
+    def _update_span(self, kaddr: int, vaddr: int, n: int, flags: int, done: int) -> None:
+        """Write ``n`` contiguous entries at these addresses: one batch syscall, else one per key.
+
+        ``done``: entries written by earlier spans of the same call, for the error message.
+        """
+        if "update" not in self._no_batch:
+            count = ct.c_uint32(n)
+            try:
+                lb.map_update_batch(self.fd, kaddr, vaddr, count, elem_flags=flags, what=self.what)
+                return
+            except OSError as e:
+                # An unsupported op fails before touching count, so only the first span can tell.
+                if not (done == 0 and e.errno in lb.UNSUPPORTED):
+                    raise lb.error(
+                        e.errno, "bpf_map_update_batch", f"{self.what} after {done + count.value} entries"
+                    ) from None
+                self._no_batch.add("update")  # per-key below raises if the entry itself is bad
+        ks, vs = self.info.key_size, self.value_size
+        for i in range(n):
+            lb.map_update_elem(self.fd, kaddr + i * ks, vaddr + i * vs, flags, self.what)
+
     def delete_batch(self, keys: Iterable[Any], chunk: int = 4096) -> int:
-        """Delete keys ``chunk`` per syscall; missing keys are skipped. Returns how many were deleted.
+        """Delete keys ``chunk`` per syscall; missing keys are skipped. Returns how many were deleted."""
+        return self.delete_batch_raw(self._key.encode_many(list(keys)), chunk=chunk)
+
+    def delete_batch_raw(self, keys, count: int | None = None, *, chunk: int = 4096) -> int:
+        """Delete ``count`` keys from a contiguous buffer of ``info.key_size`` records, ``chunk`` per
+        syscall; missing keys are skipped. Returns how many were deleted.
 
         The kernel stops a batch at the first key it cannot delete and reports that key's index in
         ``count``: everything before it is gone, so we step over it and batch the rest.
         """
-        raw = [self._key.encode(k) for k in keys]
+        if chunk < 1:
+            raise ValueError("chunk must be at least 1")
+        ks = self.info.key_size
+        n = _records(keys, ks, count, f"{self.what} keys")
+        own, base = _address(keys)
         i = deleted = 0
-        while i < len(raw):
-            part = raw[i : i + chunk]
+        while i < n:
+            part = min(chunk, n - i)
             if "delete" in self._no_batch:
-                deleted += sum(self._delete_raw(k) for k in part)
-                i += len(part)
+                deleted += sum(self._delete_raw(base + j * ks) for j in range(i, i + part))
+                i += part
                 continue
-            count = ct.c_uint32(len(part))
+            count_ = ct.c_uint32(part)
             try:
-                lb.map_delete_batch(self.fd, b"".join(part), count, what=self.what)
-                deleted, i = deleted + len(part), i + len(part)
+                lb.map_delete_batch(self.fd, base + i * ks, count_, what=self.what)
+                deleted, i = deleted + part, i + part
             except FileNotFoundError:
-                deleted, i = deleted + count.value, i + count.value + 1
+                deleted, i = deleted + count_.value, i + count_.value + 1
             except OSError as e:
                 if not (i == 0 and e.errno in lb.UNSUPPORTED):
                     raise
                 self._no_batch.add("delete")
         return deleted
 
-    def _delete_raw(self, key: bytes) -> bool:
+    def _delete_raw(self, key) -> bool:
         try:
             lb.map_delete_elem(self.fd, key, self.what)
         except FileNotFoundError:
@@ -390,6 +502,35 @@ class Map:
         dv = self._one.decode if not self.info.percpu else (lambda b: self._decode_values(b, 1)[0])
         for _, kb, vb in self._chunks_per_key(False):
             yield dk(kb), dv(vb)
+
+    def lookup_per_key_raw(self, keys, count: int | None = None) -> bytearray:
+        """The values of ``count`` keys (a contiguous buffer), one lookup syscall per key, into one
+        buffer of :attr:`value_size` records; a missing key leaves its record zeroed."""
+        ks, vs = self.info.key_size, self.value_size
+        n = _records(keys, ks, count, f"{self.what} keys")
+        out = bytearray(n * vs)
+        own, kaddr = _address(keys)
+        oown, vaddr = _address(out)
+        fd, what, lookup = self.fd, self.what, lb.map_lookup_elem
+        for i in range(n):
+            try:
+                lookup(fd, kaddr + i * ks, vaddr + i * vs, what)
+            except FileNotFoundError:
+                pass
+        del oown  # release the export so the bytearray can be resized by the caller
+        return out
+
+    def update_per_key_raw(self, keys, values, count: int | None = None, flags: int = lb.BPF_ANY) -> int:
+        """:meth:`update_batch_raw` with one update syscall per entry, on the same buffers."""
+        ks, vs = self.info.key_size, self.value_size
+        n = _records(keys, ks, count, f"{self.what} keys")
+        _records(values, vs, n, f"{self.what} values")
+        kown, kaddr = _address(keys)
+        vown, vaddr = _address(values)
+        fd, what, update = self.fd, self.what, lb.map_update_elem
+        for i in range(n):
+            update(fd, kaddr + i * ks, vaddr + i * vs, flags, what)
+        return n
 
     def update_per_key(self, items: Mapping | Iterable[tuple[Any, Any]], flags: int = lb.BPF_ANY) -> int:
         pairs = items.items() if isinstance(items, Mapping) else items

@@ -203,3 +203,12 @@ def test_cleanup_removes_exactly_what_sluice_attached(agent, lab, bpffs, plugin_
         left = [(f.prio, f.name) for f in tc.list_filters(ipr, "ingress0")]
     assert left == [(49000, "someone-else")]  # untouched, and so is the clsact qdisc it needs
     other.cleanup()
+
+
+def test_a_second_agent_on_the_same_state_refuses(agent, lab, plugin_path):
+    agent.start()
+    second = run_cli(lab, plugin_path, agent.config, "agent", "run")
+    assert second.returncode != 0
+    assert second.stderr.strip().startswith("error: another agent (pid ")
+    assert "\n" not in second.stderr.strip() and "Traceback" not in second.stderr
+    assert agent.get("/readyz")[0] == 200  # the first one is untouched
