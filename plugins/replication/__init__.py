@@ -1,108 +1,14 @@
-"""The replication plugin: sessions published by owner plugins → a NATS JetStream KV bucket, and
-back to their owners at boot (before ``/readyz`` says ready). See docs/plugins/replication.md.
+"""The replication plugin (filled in by its own issue)."""
 
-One agent per process: the broadcast hook ``sluice_session_event`` carries no context, so the
-running replicator is kept in this module.
-"""
-
-from __future__ import annotations
-
-import asyncio
-import time
+import pydantic
 
 from sluice import hookimpl
-from sluice.manager import State
-from sluice.plugins.replication.config import Config
-from sluice.plugins.replication.embedded import NatsServer
-from sluice.plugins.replication.replicator import Replicator
-
-__all__ = ["Config", "Replicator", "NatsServer"]
-
-_replicator: Replicator | None = None
-_embedded: NatsServer | None = None
 
 
-def current() -> Replicator | None:
-    return _replicator
+class Config(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
 
 
 @hookimpl
 def sluice_config_schema():
     return Config
-
-
-@hookimpl
-def sluice_start(ctx):
-    global _replicator, _embedded
-    cfg: Config = ctx.config or Config()
-    servers = cfg.servers
-    if cfg.embedded:
-        _embedded = NatsServer(ctx.state_dir / "nats", port=cfg.embedded_port, name=f"sluice-{cfg.node}")
-        servers = [_embedded.start()]
-        ctx.log.info("embedded nats-server running", url=servers[0], data=str(_embedded.data_dir))
-
-    async def restore(sessions):
-        await _wait_for_owners(ctx, cfg.boot_timeout)
-        return ctx.restore_sessions(sessions)
-
-    _replicator = Replicator(cfg, servers=servers, restore=restore, log=ctx.log)
-
-
-async def _wait_for_owners(ctx, timeout: float) -> None:
-    """Owners may start after this plugin: restore once every enabled plugin finished starting."""
-    deadline = time.monotonic() + timeout
-    starting = (State.INSTALLED, State.ENABLED)
-    while time.monotonic() < deadline:
-        records = [ctx.manager.records.get(n) for n in ctx.settings.plugins]
-        if not any(r is not None and r.state in starting for r in records):
-            return
-        await asyncio.sleep(0.05)
-
-
-@hookimpl
-def sluice_tasks(ctx):
-    r = _replicator
-    return [r.start(), r.run_writer(), r.run_sync()] if r else []
-
-
-@hookimpl
-def sluice_ready(ctx):
-    return _replicator.ready() if _replicator else "not started"
-
-
-@hookimpl
-def sluice_session_event(event):
-    if _replicator is not None:
-        _replicator.submit(event)
-
-
-@hookimpl
-async def sluice_stop(ctx):
-    global _replicator, _embedded
-    r, _replicator = _replicator, None
-    if r is not None:
-        await r.close()
-    if _embedded is not None:
-        await asyncio.to_thread(_embedded.stop)
-        _embedded = None
-
-
-@hookimpl
-def sluice_api_routes(ctx):
-    from sluice.plugins.replication.api import routes
-
-    return routes(current)
-
-
-@hookimpl
-def sluice_metrics(ctx):
-    from sluice.plugins.replication.metrics import ReplicationCollector
-
-    return [ReplicationCollector(current)]
-
-
-@hookimpl
-def sluice_cli_commands():
-    from sluice.plugins.replication.cli import repl
-
-    return [repl]
