@@ -6,6 +6,7 @@ import ctypes as ct
 import errno
 import os
 import secrets
+import struct
 from pathlib import Path
 
 import pytest
@@ -277,3 +278,124 @@ def test_from_id_and_map_info():
         with Map.from_id(m.info.id) as again:
             assert again.info == m.info
             assert again.get(b"abcd") == b"efgh"
+
+
+# --- raw paths: contiguous key/value buffers, nothing decoded ---------------------------------
+
+
+def raw_records(m: Map, chunks) -> dict[bytes, bytes]:
+    """``items_raw`` chunks split into {key bytes: value bytes}, checking each chunk's lengths."""
+    ks, vs, out = m.info.key_size, m.value_size, {}
+    for n, kb, vb in chunks:
+        assert n >= 1 and len(kb) == n * ks and len(vb) == n * vs
+        for i in range(n):
+            out[kb[i * ks : (i + 1) * ks]] = vb[i * vs : (i + 1) * vs]
+    return out
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK, CHUNK + 1, 5_000])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_items_raw_round_trips_through_update_batch_raw(kind, size):
+    make, entry, expect = KINDS[kind]
+    with make(size) as m, make(size) as copy:
+        m.update_batch((entry(i) for i in range(size)), chunk=CHUNK)
+        raw = raw_records(m, m.items_raw(chunk=CHUNK))
+        assert len(raw) == size
+        keys, values = b"".join(raw), b"".join(raw.values())
+        assert copy.update_batch_raw(keys, values, chunk=CHUNK) == size
+        assert as_dict(copy.items()) == as_dict(expect(i) for i in range(size))
+        assert raw_records(copy, copy.items_raw()) == raw
+
+
+def test_raw_layout_is_the_kernels():
+    ncpus = lb.possible_cpus()
+    with Map.create(MapType.HASH, ct.c_uint64, Stats, 64) as m:
+        m.update_batch((i, Stats(i, 10 * i)) for i in range(5))
+        assert raw_records(m, m.items_raw()) == {
+            struct.pack("=Q", i): struct.pack("=QQ", i, 10 * i) for i in range(5)
+        }
+    # Per-CPU: one 8-byte slot per possible CPU, a 4-byte value at the start of each.
+    with Map.create(MapType.PERCPU_HASH, ct.c_uint32, ct.c_uint32, 8) as m:
+        value = b"".join(struct.pack("=I4x", 100 + c) for c in range(ncpus))
+        assert m.value_size == 8 * ncpus
+        m.update_batch_raw(struct.pack("=I", 7), value)
+        assert m.get(7) == [100 + c for c in range(ncpus)]
+        assert raw_records(m, m.items_raw()) == {struct.pack("=I", 7): value}
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [bytes, bytearray, lambda b: memoryview(b), lambda b: (ct.c_char * len(b)).from_buffer_copy(b)],
+    ids=["bytes", "bytearray", "readonly-memoryview", "ctypes-array"],
+)
+def test_update_batch_raw_takes_any_buffer(wrap):
+    n = 3 * CHUNK + 7
+    keys = struct.pack(f"={n}Q", *range(n))
+    values = struct.pack(f"={2 * n}Q", *(x for i in range(n) for x in (i, 2 * i)))
+    with Map.create(MapType.HASH, ct.c_uint64, Stats, n) as m:
+        assert m.update_batch_raw(wrap(keys), wrap(values), chunk=CHUNK) == n
+        assert sorted((k, v.packets, v.bytes) for k, v in m.items()) == [(i, i, 2 * i) for i in range(n)]
+
+
+def test_update_batch_raw_count_and_length_checks():
+    with Map.create(MapType.HASH, ct.c_uint64, ct.c_uint64, 64) as m:
+        keys, values = struct.pack("=4Q", 1, 2, 3, 4), struct.pack("=4Q", 10, 20, 30, 40)
+        assert m.update_batch_raw(keys, values, 2) == 2  # only the first two records
+        assert sorted(m.items()) == [(1, 10), (2, 20)]
+        with pytest.raises(ValueError, match="whole number"):
+            m.update_batch_raw(keys[:-1], values)
+        with pytest.raises(ValueError, match="values"):
+            m.update_batch_raw(keys, values[:16])
+        with pytest.raises(ValueError, match="keys"):
+            m.update_batch_raw(keys, values, 5)
+        with pytest.raises(ValueError, match="chunk"):
+            m.update_batch_raw(keys, values, chunk=0)
+        assert m.update_batch_raw(b"", b"") == 0
+
+
+def test_update_batch_raw_reports_how_far_it_got():
+    with Map.create(MapType.HASH, ct.c_uint64, ct.c_uint64, 10, name="t_rawfull") as m:
+        with pytest.raises(OSError) as e:
+            m.update_batch_raw(struct.pack("=20Q", *range(20)), bytes(8 * 20), chunk=4)
+        assert e.value.errno == errno.E2BIG
+        assert "t_rawfull" in str(e.value) and "after 10 entries" in str(e.value)
+
+
+def test_raw_writes_fall_back_per_key_where_the_kernel_has_no_batch(monkeypatch):
+    def no_batch(*args, **kw):
+        raise lb.error(lb.ENOTSUPP, "bpf_map_update_batch", "test")
+
+    monkeypatch.setattr(lb, "map_update_batch", no_batch)
+    n = 2 * CHUNK + 1
+    with Map.create(MapType.HASH, ct.c_uint64, ct.c_uint64, n) as m:
+        assert (
+            m.update_batch_raw(
+                struct.pack(f"={n}Q", *range(n)), struct.pack(f"={n}Q", *range(n)), chunk=CHUNK
+            )
+            == n
+        )
+        assert "update" in m._no_batch
+        assert sorted(m.items()) == [(i, i) for i in range(n)]
+
+
+def test_items_raw_delete_drains_and_delete_batch_raw_skips_missing():
+    with Map.create(MapType.HASH, ct.c_uint64, ct.c_uint64, 256) as m:
+        m.update_batch((i, i) for i in range(200))
+        missing = {5, 64, 199}
+        keys = struct.pack("=200Q", *range(200))
+        assert m.delete_batch_raw(struct.pack(f"={len(missing)}Q", *missing)) == len(missing)
+        assert m.delete_batch_raw(keys, 10, chunk=3) == 9  # 5 is gone already
+        assert m.count() == 200 - len(missing) - 9
+        drained = raw_records(m, m.items_raw(chunk=CHUNK, delete=True))
+        assert sorted(struct.unpack("=Q", k)[0] for k in drained) == sorted(set(range(10, 200)) - missing)
+        assert m.count() == 0
+
+
+def test_per_key_raw_baselines_match_batch():
+    n = 1000
+    keys = struct.pack(f"={n}Q", *range(n))
+    values = struct.pack(f"={n}Q", *(3 * i for i in range(n)))
+    with Map.create(MapType.HASH, ct.c_uint64, ct.c_uint64, n + 1) as m:
+        assert m.update_per_key_raw(keys, values) == n
+        assert m.lookup_per_key_raw(keys) == bytearray(values)
+        assert m.lookup_per_key_raw(struct.pack("=2Q", 5, n)) == struct.pack("=2Q", 15, 0)  # missing: zeros
