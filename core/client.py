@@ -34,7 +34,8 @@ class AgentClient:
             raise AgentUnavailable(f"no agent socket at {self.socket_path}: is the agent running?")
         conn = _UnixConnection(self.socket_path, self.timeout)
         try:
-            payload = None if body is None else json.dumps(body).encode()
+            # bytes go as they are (tests send malformed JSON on purpose); anything else as JSON
+            payload = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
             headers = {"Content-Type": "application/json"} if payload else {}
             conn.request(method, path, body=payload, headers=headers)
             resp = conn.getresponse()
