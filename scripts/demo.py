@@ -22,10 +22,10 @@ SOCKET = Path("/run/sluice/sluice.sock")
 # What to show per built-in plugin once traffic has flowed: CLI argv after `sluice`.
 SHOW = {
     "core": [["plugins", "list"], ["hooks"], ["maps", "list"]],
-    "flowmon": [["flows", "list", "--limit", "10"], ["flows", "dns"]],
+    "flowmon": [["flows", "list", "--host", "10.99.1.2"], ["flows", "dns"], ["flows", "drops"]],
     "conntrack": [["ct", "list", "--limit", "10"], ["ct", "count"]],
     "firewall": [["fw", "counters"], ["fw", "sessions", "--limit", "10"], ["fw", "dns"]],
-    "tunnel": [["tunnel", "routes"], ["tunnel", "devices"]],
+    "tunnel": [["tunnel", "routes"], ["tunnel", "health"], ["tunnel", "devices"]],
     "replication": [["repl", "status"]],
 }
 
