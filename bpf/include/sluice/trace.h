@@ -114,10 +114,11 @@ static __always_inline int sluice_trace_verdict(struct __sk_buff *skb, const str
 }
 
 /* Report verdict (and four plugin-specific numbers) for this packet when tracing; return verdict.
- * A macro only so that __func__ and the reason literal are the caller's; BCC cannot rewrite map
+ * A macro only so that __func__ and the reason literal are the caller's ("" reason: a reason that is
+ * not a literal fails to compile instead of failing the verifier); BCC cannot rewrite map
  * calls inside macros, so the work is in functions. */
 #define sluice_verdict_detail(skb, pkt, verdict, reason, d0, d1, d2, d3) \
-    sluice_trace_verdict(skb, pkt, verdict, reason, sizeof(reason), __func__, sizeof(__func__), d0, d1, d2, d3)
+    sluice_trace_verdict(skb, pkt, verdict, "" reason, sizeof("" reason), __func__, sizeof(__func__), d0, d1, d2, d3)
 
 #define sluice_verdict(skb, pkt, verdict, reason) sluice_verdict_detail(skb, pkt, verdict, reason, 0, 0, 0, 0)
 
