@@ -263,6 +263,7 @@ class Agent:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            self._lock_file.close()  # release the state-dir lock for a later Agent in this process
         return 0
 
     def _on_stop_signal(self, sig) -> None:

@@ -26,7 +26,7 @@ SHOW = {
     "conntrack": [["ct", "list", "--limit", "10"], ["ct", "count"]],
     "firewall": [["fw", "counters"], ["fw", "sessions", "--limit", "10"], ["fw", "dns"]],
     "tunnel": [["tunnel", "routes"], ["tunnel", "health"], ["tunnel", "devices"]],
-    "replication": [["repl", "status"]],
+    "replication": [["repl", "status"], ["repl", "list", "--owner", "firewall", "--limit", "10"]],
 }
 
 
@@ -86,7 +86,11 @@ def leftovers() -> list[str]:
     if Path("/sys/fs/bpf/sluice").exists():
         left.append("pins under /sys/fs/bpf/sluice")
     ps = subprocess.run(
-        ["pgrep", "-f", "sluice.*agent run|nats-server -c /run/sluice|dnsmasq.*/run/sluice"],
+        [
+            "pgrep",
+            "-f",
+            "sluice.*agent run|nats-server -c /run/sluice|nats-server -js -sd /run/sluice|dnsmasq.*/run/sluice",
+        ],
         capture_output=True,
         text=True,
     )

@@ -1,14 +1,121 @@
-"""The replication plugin (filled in by its own issue)."""
+"""The replication plugin: sessions published by owner plugins → a NATS JetStream KV bucket, and
+back to their owners at boot (before ``/readyz`` says ready). See docs/plugins/replication.md.
 
-import pydantic
+One agent per process: the broadcast hook ``sluice_session_event`` carries no context, so the
+running replicator is kept in this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
 
 from sluice import hookimpl
+from sluice.manager import State
+from sluice.plugins.replication.config import Config
+from sluice.plugins.replication.embedded import NatsServer
+from sluice.plugins.replication.replicator import Replicator
+
+__all__ = ["Config", "Replicator", "NatsServer"]
+
+_replicator: Replicator | None = None
+_embedded: NatsServer | None = None
 
 
-class Config(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")
+def current() -> Replicator | None:
+    return _replicator
 
 
 @hookimpl
 def sluice_config_schema():
     return Config
+
+
+@hookimpl
+def sluice_start(ctx):
+    global _replicator, _embedded
+    cfg: Config = ctx.config or Config()
+
+    async def restore(sessions):
+        await _wait_for_owners(ctx, cfg.boot_timeout)
+        return ctx.restore_sessions(sessions)
+
+    replicator = Replicator(cfg, restore=restore, log=ctx.log)
+    replicator.connect_options()  # bad TLS files or a missing auth helper fail here, in one line
+    if cfg.embedded:
+        _embedded = NatsServer(ctx.state_dir / "nats", port=cfg.embedded_port, name=f"sluice-{cfg.node}")
+        replicator.servers = [_embedded.start()]
+        ctx.log.info("embedded nats-server running", url=replicator.servers[0], data=str(_embedded.data_dir))
+    _replicator = replicator
+
+
+async def _wait_for_owners(ctx, timeout: float) -> None:
+    """Owners may start after this plugin: restore once every enabled plugin finished starting."""
+    deadline = time.monotonic() + timeout
+    starting = (State.INSTALLED, State.ENABLED)
+    while time.monotonic() < deadline:
+        records = [ctx.manager.records.get(n) for n in ctx.settings.plugins]
+        if not any(r is not None and r.state in starting for r in records):
+            return
+        await asyncio.sleep(0.05)
+
+
+@hookimpl
+def sluice_tasks(ctx):
+    r = _replicator
+    return [r.start(), r.run_writer(), r.run_sync()] if r else []
+
+
+@hookimpl
+def sluice_ready(ctx):
+    return _replicator.ready() if _replicator else "not started"
+
+
+@hookimpl
+def sluice_session_event(event):
+    if _replicator is None:
+        return
+    try:
+        _replicator.submit(event)
+    except Exception as exc:  # the owner's datapath bookkeeping must never fail because of us
+        _replicator.stats.errors["event"] += 1
+        _replicator.log.error("session event dropped", error=f"{type(exc).__name__}: {exc}")
+
+
+@hookimpl
+async def sluice_stop(ctx):
+    global _replicator, _embedded
+    r, _replicator = _replicator, None
+    if r is not None:
+        await r.close()
+    if _embedded is not None:
+        await asyncio.to_thread(_embedded.stop, 3.0)  # SIGTERM; SIGKILL after 3 s, within stop_timeout
+        _embedded = None
+
+
+@hookimpl
+def sluice_reload(ctx, old_config):
+    # The connection, bucket and embedded server are built at start; swapping them under live
+    # traffic would risk losing queued changes. The new settings apply at the next agent start.
+    ctx.log.warning("replication settings changed: they apply when the agent restarts")
+
+
+@hookimpl
+def sluice_api_routes(ctx):
+    from sluice.plugins.replication.api import routes
+
+    return routes(current)
+
+
+@hookimpl
+def sluice_metrics(ctx):
+    from sluice.plugins.replication.metrics import ReplicationCollector
+
+    return [ReplicationCollector(current)]
+
+
+@hookimpl
+def sluice_cli_commands():
+    from sluice.plugins.replication.cli import repl
+
+    return [repl]
