@@ -9,6 +9,7 @@ and never stops the others. Programs stay attached after the agent exits unless 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import fcntl
 import inspect
@@ -24,6 +25,7 @@ from sluice import __version__, api, config, kernel
 from sluice import log as slog
 from sluice.bpf.loader import CompileError
 from sluice.bpf.tc import AttachError
+from sluice.config import AgentSettings
 from sluice.datapath import Datapath
 from sluice.manager import PluginContext, PluginManager, State
 from sluice.programs import TC
@@ -79,6 +81,7 @@ class Agent:
         self.datapath: Datapath | None = None
         self.started: list[str] = []
         self._stop = asyncio.Event()
+        self._busy = asyncio.Lock()  # start, reload and stop never interleave
         self._signals = 0
         self._runners = []
         self.sections = resolve(cfg, self.manager)
@@ -107,19 +110,23 @@ class Agent:
                 "no kernel header tree for BCC: compiling will fail", detail=headers.detail, fix=headers.fix
             )
         self.features = kernel.Features(s.cache_dir)
-        self.datapath = Datapath(s.bpffs, s.state_dir, list(s.cflags))
+        self.datapath = await asyncio.to_thread(Datapath, s.bpffs, s.state_dir, list(s.cflags))
         enabled = set(s.plugins)
         # pyroute2 runs its own event loop: netlink work goes to a thread
         await asyncio.to_thread(
             self.datapath.detach, lambda a: a.plugin in enabled
         )  # plugins removed from the config
         for name in s.plugins:
+            if self._stop.is_set():  # a stop during the cold start: do not compile the rest
+                log.info("stop requested during start: not starting the remaining plugins", next=name)
+                break
             await self._start_plugin(name)
         await asyncio.to_thread(self._detach_undeclared)
         _release_compiler_memory()
         log.info("started", seconds=round(time.monotonic() - t0, 2), plugins=self.states())
 
     async def _start_plugin(self, name: str) -> None:
+        """Start one plugin. Whatever it raises marks it failed; it never reaches the other plugins."""
         record = self.manager.records[name]
         record.enabled = True
         if record.module is None:
@@ -128,40 +135,61 @@ class Agent:
         ctx = PluginContext(name, self.manager, self.settings, self.sections.get(name))
         ctx.features = self.features
         self.manager.contexts[name] = ctx
-        missing = self.features.missing(self.manager.call(name, "sluice_requirements") or [])
-        if missing:
-            record.fail(State.DISABLED, f"needs {missing[0].name}: {missing[0].detail}")
-            log.error(
-                "plugin disabled: kernel feature missing",
-                plugin=name,
-                feature=missing[0].name,
-                detail=missing[0].detail,
-                fix=missing[0].fix,
-            )
-            return
         try:
+            missing = self.features.missing(self.manager.call(name, "sluice_requirements") or [])
+            if missing:
+                record.fail(State.DISABLED, f"needs {missing[0].name}: {missing[0].detail}")
+                log.error(
+                    "plugin disabled: kernel feature missing",
+                    plugin=name,
+                    feature=missing[0].name,
+                    detail=missing[0].detail,
+                    fix=missing[0].fix,
+                )
+                return
             record.programs = list(self.manager.call(name, "sluice_programs", ctx=ctx) or [])
             ctx.bpf = await asyncio.to_thread(self.datapath.load, name, record.programs)
             record.maps = sorted(p.name for p in ctx.pin_dir.iterdir()) if ctx.pin_dir.is_dir() else []
             await _maybe_await(self.manager.call(name, "sluice_start", ctx=ctx))
+            tasks = list(self.manager.call(name, "sluice_tasks", ctx=ctx) or [])
+            routes = list(self.manager.call(name, "sluice_api_routes", ctx=ctx) or [])
+            collectors = list(self.manager.call(name, "sluice_metrics", ctx=ctx) or [])
+            for registered, collector in enumerate(collectors):
+                try:
+                    self.registry.register(collector)
+                except Exception:
+                    for c in collectors[:registered]:
+                        self.registry.unregister(c)
+                    raise
         except (CompileError, AttachError) as exc:
-            record.fail(State.FAILED, str(exc))
-            log.error("plugin failed", plugin=name, error=record.error)
+            self._failed(name, str(exc))
             return
         except Exception as exc:
-            record.fail(State.FAILED, f"start failed: {type(exc).__name__}: {exc}")
-            log.exception("plugin failed", plugin=name, error=record.error)
+            self._failed(name, f"start failed: {type(exc).__name__}: {exc}", trace=True)
             return
         record.state, record.error = State.RUNNING, ""
         self.started.append(name)
-        self.tasks[name] = [
-            self._spawn(name, coro) for coro in self.manager.call(name, "sluice_tasks", ctx=ctx) or []
-        ]
-        self.plugin_routes[name] = list(self.manager.call(name, "sluice_api_routes", ctx=ctx) or [])
-        self.collectors[name] = list(self.manager.call(name, "sluice_metrics", ctx=ctx) or [])
-        for collector in self.collectors[name]:
-            self.registry.register(collector)
+        self.plugin_routes[name] = routes
+        self.collectors[name] = collectors
+        self.tasks[name] = []
+        for coro in tasks:
+            try:
+                self.tasks[name].append(self._spawn(name, coro))
+            except TypeError as exc:  # not a coroutine: the plugin runs, without that task
+                record.fail(State.DEGRADED, f"sluice_tasks returned a non-coroutine: {exc}")
         log.info("plugin running", plugin=name, programs=[p.name for p in record.programs])
+
+    def _failed(self, name: str, error: str, trace: bool = False) -> None:
+        """Mark ``name`` failed and release what it compiled. Its TC filters stay: the datapath
+        keeps enforcing with the programs it had (a failed upgrade does not open the gates)."""
+        self.manager.records[name].fail(State.FAILED, error)
+        (log.exception if trace else log.error)(
+            "plugin failed", plugin=name, error=self.manager.records[name].error
+        )
+        ctx = self.manager.contexts.get(name)
+        for b in ctx.bpf.values() if ctx else ():
+            with contextlib.suppress(Exception):
+                b.cleanup()
 
     def _spawn(self, name: str, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(
@@ -240,31 +268,53 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         try:
-            await self.start()
-            app = api.build_app(self)
-            self._runners.append(await api.serve_unix(app, self.settings.socket_path))
-            if self.settings.metrics_address:
-                self._runners.append(await api.serve_metrics(self, self.settings.metrics_address))
+            async with self._busy:
+                await self.start()
+                await self._serve()
             log.info(
                 "ready" if self.readiness()[0] else "serving, not ready",
                 socket=str(self.settings.socket_path),
                 metrics=self.settings.metrics_address,
             )
             await self._stop.wait()
-            await asyncio.wait_for(self.stop(), self.settings.stop_timeout)
-        except TimeoutError:
-            log.error("graceful stop timed out", timeout=self.settings.stop_timeout)
-            return 1
+            return await self._bounded_stop()
         except asyncio.CancelledError:
             log.warning("forced stop")
             return 1
+        except Exception as exc:  # e.g. the API could not be served: still stop the plugins properly
+            log.error("agent failed", error=f"{type(exc).__name__}: {exc}")
+            await self._bounded_stop()
+            raise StartupError(f"{type(exc).__name__}: {exc}") from None
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             self._lock_file.close()  # release the state-dir lock for a later Agent in this process
+
+    async def _bounded_stop(self) -> int:
+        try:
+            async with self._busy:  # a reload in progress finishes first
+                await asyncio.wait_for(self.stop(), self.settings.stop_timeout)
+        except TimeoutError:
+            log.error("graceful stop timed out", timeout=self.settings.stop_timeout)
+            return 1
         return 0
+
+    async def _serve(self) -> None:
+        """(Re)start the API on the socket: plugin routes are fixed per app, so a reload that
+        adds or removes a plugin serves a new app (a few milliseconds without a listener)."""
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners = [await api.serve_unix(api.build_app(self), self.settings.socket_path)]
+        if self.settings.metrics_address:
+            self._runners.append(await api.serve_metrics(self, self.settings.metrics_address))
+
+    def _on_reload_signal(self) -> None:
+        if self._stop.is_set():
+            log.info("reload ignored: stopping")
+            return
+        self._reload_task = asyncio.get_running_loop().create_task(self.reload())
 
     def _on_stop_signal(self, sig) -> None:
         self._signals += 1
@@ -281,66 +331,111 @@ class Agent:
         self._stop.set()
 
     async def stop(self) -> None:
-        for name in reversed(self.started):
+        for name in reversed(list(self.started)):
             await self._stop_plugin(name)
-        self.started.clear()
         for runner in self._runners:
-            await runner.cleanup()
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        self._runners = []
         if self.settings.detach_on_stop and self.datapath:
             await asyncio.to_thread(self.datapath.detach)
         log.info("stopped", detached=self.settings.detach_on_stop)
 
     async def _stop_plugin(self, name: str) -> None:
+        """Stop one plugin; each step is guarded so a failure never skips the rest of teardown."""
         for task in self.tasks.pop(name, []):
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-            except (asyncio.CancelledError, Exception):
-                pass
         try:
             await _maybe_await(self.manager.call(name, "sluice_stop", ctx=self.manager.contexts[name]))
         except Exception as exc:
             log.error("plugin stop failed", plugin=name, error=f"{type(exc).__name__}: {exc}")
         for collector in self.collectors.pop(name, []):
-            self.registry.unregister(collector)
+            with contextlib.suppress(Exception):
+                self.registry.unregister(collector)
+        self.plugin_routes.pop(name, None)
         self.manager.records[name].state = State.STOPPED
         for b in self.manager.contexts[name].bpf.values():
-            b.cleanup()  # closes fds and tracepoint links; TC filters keep their programs
+            try:
+                b.cleanup()  # closes fds and tracepoint links; TC filters keep their programs
+            except Exception as exc:
+                log.error("plugin cleanup failed", plugin=name, error=f"{type(exc).__name__}: {exc}")
+        if name in self.started:
+            self.started.remove(name)
 
     async def reload(self) -> None:
-        """SIGHUP: read the config again; an invalid one is logged and the running one kept."""
+        """SIGHUP: read the config again; an invalid one is logged and the running one kept.
+
+        Plugins removed from ``agent.plugins`` stop and are detached, added ones start. A plugin
+        whose section changed gets ``sluice_reload`` when its programs are unchanged and it
+        implements the hook; otherwise it restarts (pins reused, filters replaced in place).
+        ``[agent]`` settings other than ``plugins`` apply only at the next start.
+        """
         if self.config_path is None:
             log.info("reload: running on the embedded default, nothing to reload")
             return
-        try:
-            new = config.load(self.config_path)
-            sections = resolve(new, self.manager)
-        except config.ConfigError as exc:
-            for line in exc.problems:
-                log.error("reload rejected, keeping the running config", problem=line)
-            return
+        async with self._busy:
+            if self._stop.is_set():
+                return
+            try:
+                new = config.load(self.config_path)
+                sections = resolve(new, self.manager)
+                fixed = [
+                    k
+                    for k in AgentSettings.model_fields
+                    if k != "plugins" and getattr(new.agent, k) != getattr(self.settings, k)
+                ]
+                if fixed:
+                    raise config.ConfigError(
+                        [f"{new.source}: agent.{', agent.'.join(fixed)}: changes only at the next start"]
+                    )
+            except config.ConfigError as exc:
+                for line in exc.problems:
+                    log.error("reload rejected, keeping the running config", problem=line)
+                return
+            await self._apply(new, sections)
+            _release_compiler_memory()
+            log.info("reloaded", plugins=self.states())
+
+    async def _apply(self, new: config.AgentConfig, sections: dict) -> None:
         old_enabled, new_enabled = list(self.settings.plugins), list(new.agent.plugins)
         old_sections = self.sections
         self.cfg, self.sections = new, sections
+        routes_before = {n: len(r) for n, r in self.plugin_routes.items()}
         for name in [n for n in reversed(old_enabled) if n not in new_enabled]:
             if name in self.started:
                 await self._stop_plugin(name)
-                self.started.remove(name)
             self.manager.records[name].enabled = False
+            self.manager.records[name].state = State.INSTALLED
             await asyncio.to_thread(self.datapath.detach, lambda a, n=name: a.plugin != n)
         for name in new_enabled:
             ctx = self.manager.contexts.get(name)
-            if name not in old_enabled or ctx is None:
+            if name not in old_enabled or ctx is None or name not in self.started:
                 await self._start_plugin(name)
-            elif sections.get(name) != old_sections.get(name):
-                ctx.config, ctx.settings = sections.get(name), new.agent
-                try:
+                continue
+            if sections.get(name) == old_sections.get(name):
+                continue
+            old_config, ctx.config = ctx.config, sections.get(name)
+            try:
+                programs = list(self.manager.call(name, "sluice_programs", ctx=ctx) or [])
+                in_place = programs == self.manager.records[name].programs and self.manager.implements(
+                    name, "sluice_reload"
+                )
+                if in_place:
                     await _maybe_await(
-                        self.manager.call(name, "sluice_reload", ctx=ctx, old_config=old_sections.get(name))
+                        self.manager.call(name, "sluice_reload", ctx=ctx, old_config=old_config)
                     )
-                except Exception as exc:
-                    log.error("plugin reload failed", plugin=name, error=f"{type(exc).__name__}: {exc}")
-        log.info("reloaded", plugins=self.states())
+                    continue
+            except Exception as exc:
+                log.error("plugin reload failed", plugin=name, error=f"{type(exc).__name__}: {exc}")
+                continue
+            log.info("restarting plugin for its new config", plugin=name)
+            await self._stop_plugin(name)
+            await self._start_plugin(name)
+        await asyncio.to_thread(self._detach_undeclared)
+        if {n: len(r) for n, r in self.plugin_routes.items()} != routes_before:
+            await self._serve()
 
 
 def _release_compiler_memory() -> None:

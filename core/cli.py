@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -312,6 +313,12 @@ def build_cli(manager: PluginManager | None = None) -> click.Group:
         except ValueError as exc:
             raise CLIError(str(exc)) from None
         index = _ifindex(iface) if iface else 0
+
+        def interrupted(*_):
+            raise KeyboardInterrupt  # so the session switches tracing off on SIGTERM/SIGHUP too
+
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, interrupted)
         names = _ifnames()
         seen, last_pkt = 0, None
         try:
@@ -341,9 +348,13 @@ def build_cli(manager: PluginManager | None = None) -> click.Group:
     @pass_obj
     def cleanup(obj: Obj, as_json):
         """Detach every program sluice attached in this network namespace and remove its pins."""
+        from sluice.datapath import CleanupRefused
         from sluice.datapath import cleanup as do_cleanup
 
-        result = do_cleanup(obj.settings.bpffs, obj.settings.state_dir)
+        try:
+            result = do_cleanup(obj.settings.bpffs, obj.settings.state_dir)
+        except CleanupRefused as exc:
+            raise CLIError(str(exc)) from None
         emit(result, as_json, lambda r: f"removed {r['filters']} filters and {r['pins']} pins")
 
     # ---- lab ------------------------------------------------------------------------------
@@ -356,9 +367,12 @@ def build_cli(manager: PluginManager | None = None) -> click.Group:
     @json_option
     def lab_up(prefix, as_json):
         """Build the lab (idempotent)."""
-        from sluice.lab import Lab, LabSpec
+        from sluice.lab import Lab, LabError, LabSpec
 
-        lb = Lab.up(LabSpec(prefix=prefix))
+        try:
+            lb = Lab.up(LabSpec(prefix=prefix))
+        except (LabError, ValueError) as exc:
+            raise CLIError(f"{str(exc).splitlines()[0]} (logs: /run/sluice/lab/{prefix})") from None
         emit(Lab.status(prefix), as_json, lambda s: f"lab {prefix} is up: {', '.join(lb.namespaces)}")
 
     @lab.command("down")

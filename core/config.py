@@ -37,6 +37,15 @@ class AgentSettings(pydantic.BaseModel):
     detach_on_stop: bool = False
     stop_timeout: float = pydantic.Field(10.0, gt=0)
 
+    @pydantic.field_validator("metrics_address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+                raise ValueError('expected HOST:PORT (or "" to disable)')
+        return value
+
     @property
     def socket_path(self) -> Path:
         return self.socket or self.state_dir / "sluice.sock"

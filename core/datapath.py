@@ -9,6 +9,7 @@ what sluice attached, and a plugin removed from the config has its filters remov
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -37,7 +38,7 @@ class Attachment:
 
 def netns_id() -> str:
     """Identity of the network namespace we run in (attachments are per namespace)."""
-    return str(os.stat("/proc/self/ns/net").st_ino)
+    return str(os.stat("/proc/thread-self/ns/net").st_ino)  # thread-self: setns moves threads
 
 
 class AttachmentRecord:
@@ -69,20 +70,37 @@ class Datapath:
         self.bpffs = bpffs
         self.cflags = cflags
         self.record = AttachmentRecord(state_dir)
-        self.attached: list[Attachment] = self.record.read()
+        self.attached: list[Attachment] = self._reconciled(self.record.read())
+
+    def _reconciled(self, recorded: list[Attachment]) -> list[Attachment]:
+        """Keep only records whose filter is really there under its name. A namespace deleted and
+        made again can reuse the inode the record is keyed by; the kernel is the truth."""
+        if not recorded:
+            return recorded
+        with IPRoute() as ipr:
+            live = {(f.iface, f.direction, f.prio, f.name) for f in tc.list_filters(ipr)}
+        kept = [a for a in recorded if (a.iface, a.direction, a.prio, tc.filter_name(a.plugin, a.fn)) in live]
+        if len(kept) != len(recorded):
+            self.record.write(kept)
+        return kept
 
     def load(self, plugin: str, programs: list[Program]) -> dict:
         """Compile, load and attach one plugin's programs; returns program name → BCC object."""
         compiled = {}
-        with IPRoute() as ipr:
-            for program in programs:
-                bpf = loader.compile_program(plugin, program, bpffs=self.bpffs, cflags=self.cflags)
-                compiled[program.name] = bpf
-                for point in program.attach:
-                    if isinstance(point, TC):
-                        self._attach_tc(ipr, bpf, plugin, program, point)
-                    elif isinstance(point, Tracepoint):
-                        self._attach_tracepoint(bpf, plugin, point)
+        try:
+            with IPRoute() as ipr:
+                for program in programs:
+                    bpf = loader.compile_program(plugin, program, bpffs=self.bpffs, cflags=self.cflags)
+                    compiled[program.name] = bpf
+                    for point in program.attach:
+                        if isinstance(point, TC):
+                            self._attach_tc(ipr, bpf, plugin, program, point)
+                        elif isinstance(point, Tracepoint):
+                            self._attach_tracepoint(bpf, plugin, point)
+        except BaseException:
+            for bpf in compiled.values():  # fds, tracepoint links; attached filters keep their programs
+                bpf.cleanup()
+            raise
         return compiled
 
     def _attach_tracepoint(self, bpf, plugin: str, point: Tracepoint) -> None:
@@ -156,7 +174,7 @@ class Datapath:
             for a in removed:
                 still_used = any(k.iface == a.iface for k in kept)
                 found = ipr.link_lookup(ifname=a.iface)
-                if a.added_clsact and found and not still_used and not _foreign_filters(ipr, a.iface):
+                if a.added_clsact and found and not still_used and not tc.has_foreign_filters(ipr, found[0]):
                     tc.remove_clsact(ipr, found[0])
         self.attached = kept
         self.record.write(kept)
@@ -169,8 +187,8 @@ class Datapath:
         return self.detach(keep=lambda a: (a.plugin, a.iface, a.direction, a.prio) in declared)
 
 
-def _foreign_filters(ipr, iface: str) -> bool:
-    return any(not f.owned for f in tc.list_filters(ipr, iface))
+class CleanupRefused(Exception):
+    """Cleanup would pull programs and pins from under a running agent."""
 
 
 def cleanup(bpffs: Path, state_dir: Path) -> dict[str, int]:
@@ -179,6 +197,15 @@ def cleanup(bpffs: Path, state_dir: Path) -> dict[str, int]:
     Recorded attachments are removed first; then any filter still named ``sluice:*`` (a record
     lost with /run) is removed too. Pins go last: the programs using them are gone by then.
     """
+    lock = state_dir / "agent.lock"
+    if lock.exists():
+        with open(lock) as held:
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CleanupRefused(
+                    f"an agent (pid {held.read().strip() or '?'}) is running with state_dir {state_dir}: stop it first"
+                ) from None
     dp = Datapath(bpffs, state_dir, [])
     removed = len(dp.detach())
     with IPRoute() as ipr:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -11,6 +12,15 @@ import structlog
 def _default_plugin(_logger, _name, event: dict) -> dict:
     event.setdefault("plugin", "core")
     return event
+
+
+def _log_stream():
+    """Our own handle on fd 2: the loader points fd 2 at a file while BCC compiles (to catch its
+    diagnostics), and log lines written meanwhile by other threads must still reach stderr."""
+    try:
+        return os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)
+    except (OSError, ValueError, AttributeError):
+        return sys.stderr
 
 
 def configure(level: str = "info", *, json: bool | None = None) -> None:
@@ -27,7 +37,7 @@ def configure(level: str = "info", *, json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_log_stream()),
         cache_logger_on_first_use=False,
     )
 

@@ -38,6 +38,9 @@ VERDICTS = {
 }
 
 
+LEASE_NS = 5_000_000_000  # tracing switches itself off this long after the reader last renewed
+
+
 class Flow(ct.Structure):
     _fields_ = [
         ("saddr", ct.c_uint8 * 16),
@@ -53,6 +56,7 @@ class Flow(ct.Structure):
 
 class TraceCfg(ct.Structure):
     _fields_ = [
+        ("expires_ns", ct.c_uint64),
         ("enabled", ct.c_uint32),
         ("ifindex", ct.c_uint32),
         ("addr", ct.c_uint8 * 16),
@@ -171,6 +175,7 @@ class TraceSession:
                 self._events.append(Event.from_raw(ct.cast(data, ct.POINTER(TraceEvent)).contents))
             return 0
 
+        self.cfg = cfg
         self._cb = _RINGBUF_CB_TYPE(on_event)
         self._lib = lib
         self._rb = lib.bpf_new_ringbuf(self.rb_fd, self._cb, None)
@@ -179,9 +184,14 @@ class TraceSession:
         self._set(cfg)
 
     def _set(self, cfg: TraceCfg) -> None:
+        if cfg.enabled:
+            cfg.expires_ns = time.monotonic_ns() + LEASE_NS
+            self._renewed = time.monotonic_ns()
         libbpf.map_update_elem(self.cfg_fd, ct.c_uint32(0), cfg, what="sluice_trace_cfg")
 
     def poll(self, timeout_ms: int = 200) -> list[Event]:
+        if time.monotonic_ns() - self._renewed > LEASE_NS // 4:
+            self._set(self.cfg)  # renew the lease while we are alive to read
         self._lib.bpf_poll_ringbuf(self._rb, timeout_ms)
         out, self._events = self._events, []
         return out

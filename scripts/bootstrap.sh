@@ -3,7 +3,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-PKGS="iputils-ping curl python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv iproute2 dnsmasq-base nfdump iperf3 nftables conntrack tcpdump hping3 make"
+PKGS="iputils-ping curl procps python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv iproute2 dnsmasq-base nfdump iperf3 nftables conntrack tcpdump hping3 make"
 
 missing=""
 for p in $PKGS; do

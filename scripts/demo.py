@@ -124,17 +124,20 @@ def main() -> int:
                 sluice(*argv)
         say("agent log (last lines)")
         print("\n".join(log.read_text().splitlines()[-8:]))
-        return 0
     finally:
         say("teardown")
         if agent:
             agent.stop()
         sluice("cleanup")
-        if lab:
-            lab.down()
-        lab_cleanup_all(f"{PREFIX}*")
+        try:
+            if lab:
+                lab.down()
+            lab_cleanup_all(f"{PREFIX}*")
+        except Exception as exc:
+            print(f"lab teardown: {exc}".splitlines()[0])
         left = leftovers()
         print(f"done in {time.monotonic() - t0:.0f}s; left behind: {', '.join(left) if left else 'nothing'}")
+    return 1 if left else 0
 
 
 if __name__ == "__main__":

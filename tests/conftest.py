@@ -61,6 +61,8 @@ def plugin_path(tmp_path_factory):
     import sys
 
     target = tmp_path_factory.mktemp("plugins")
+    for stale in [*ROOT.glob("examples/*/build"), *ROOT.glob("tests/plugins/*/build")]:
+        shutil.rmtree(stale, ignore_errors=True)  # a stale build/ would install deleted files
     subprocess.run(
         [
             sys.executable,
@@ -76,7 +78,7 @@ def plugin_path(tmp_path_factory):
         ],
         check=True,
     )
-    for leftover in ROOT.glob("examples/*/build"):
+    for leftover in [*ROOT.glob("examples/*/build"), *ROOT.glob("tests/plugins/*/build")]:
         shutil.rmtree(leftover, ignore_errors=True)
     return target
 

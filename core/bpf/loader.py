@@ -198,7 +198,9 @@ def _bcc_compile(BPF, owner: str, source: Path, flags: list[str]):
             os.dup2(saved, 2)
             diag.seek(0)
             lines = diag.read().decode(errors="replace").splitlines()
-            first = next((ln for ln in lines if "error" in ln), str(exc))
+            first = next((ln for ln in lines if ": error:" in ln), None) or next(
+                (ln for ln in lines if "error" in ln.lower()), str(exc)
+            )
             raise CompileError(f"{owner}: {source.name}: {first.strip()}") from None
         finally:
             os.dup2(saved, 2)

@@ -126,6 +126,25 @@ def list_filters(ipr: IPRoute, iface: str | None = None) -> list[Filter]:
     return sorted(out, key=lambda f: (f.iface, f.direction, f.prio))
 
 
+def has_foreign_filters(ipr: IPRoute, index: int) -> bool:
+    """Whether any filter of any kind (u32, flower, another tool's bpf …) not named by sluice sits
+    on either clsact hook of ``index``: then the clsact qdisc is not ours to remove."""
+    for parent in PARENT.values():
+        try:
+            msgs = ipr.get_filters(index=index, parent=parent)
+        except NetlinkError:
+            continue
+        for msg in msgs:
+            kind = msg.get_attr("TCA_KIND")
+            if kind is None:
+                continue  # the per-priority header entries the kernel dumps
+            opts = msg.get_attr("TCA_OPTIONS")
+            name = (opts.get_attr("TCA_BPF_NAME") if kind == "bpf" and opts is not None else "") or ""
+            if not name.startswith(NAME_PREFIX):
+                return True
+    return False
+
+
 def detach(ipr: IPRoute, index: int, direction: Direction, prio: int) -> bool:
     """Remove the filter at ``prio``; False when it was already gone."""
     try:

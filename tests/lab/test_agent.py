@@ -5,7 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
+import time
 
 import pytest
 
@@ -92,22 +92,21 @@ def udp_reaches_server(lab, port=9) -> bool:
 
 
 class PingFlood:
-    """``ping`` from the client to the server through the gateway, in the background."""
+    """``ping`` from the client to the server through the gateway until :meth:`finish`."""
 
-    def __init__(self, lab, count=1500, interval=0.004):
+    def __init__(self, lab, interval=0.005):
         self.proc = lab.popen(
             "client",
-            ["ping", "-q", "-n", "-i", str(interval), "-c", str(count), "-W", "1", lab.addr("server")],
+            ["ping", "-q", "-n", "-i", str(interval), "-W", "1", lab.addr("server")],
             stdout=subprocess.PIPE,
             text=True,
         )
-        self.result = ""
-        self.thread = threading.Thread(target=lambda: setattr(self, "result", self.proc.communicate()[0]))
-        self.thread.start()
 
     def finish(self):
-        self.thread.join(60)
-        line = next(ln for ln in self.result.splitlines() if "packets transmitted" in ln)
+        time.sleep(1)  # replies to the last requests are on their way
+        self.proc.send_signal(signal.SIGINT)  # ping prints its summary and exits
+        out = self.proc.communicate(timeout=30)[0]
+        line = next(ln for ln in out.splitlines() if "packets transmitted" in ln)
         sent, received = (int(line.split()[i]) for i in (0, 3))
         return sent, received
 
@@ -136,8 +135,10 @@ def test_restarts_under_a_ping_flood_lose_nothing(agent, lab):
         assert not udp_reaches_server(lab, 9)
         agent.start()  # adopts the pins and replaces the filters in place
         assert not udp_reaches_server(lab, 9)
-    sent, received = flood.finish()
-    assert sent >= 1000 and received == sent, f"lost {sent - received} of {sent} pings across restarts"
+    sent, received = flood.finish()  # the flood ran across both restarts
+    print(f"ping flood: {sent} sent, {received} received")
+    # at most the one echo still in flight when ping was interrupted may lack its reply
+    assert sent >= 500 and sent - received <= 1, f"lost {sent - received} of {sent} pings across restarts"
 
 
 def test_a_failing_plugin_does_not_stop_the_others(lab, bpffs, tmp_path, plugin_path):

@@ -56,6 +56,14 @@ static __always_inline int sluice_is_v4_mapped(const __u8 a[16])
            a[7] == 0 && a[8] == 0 && a[9] == 0 && a[10] == 0xff && a[11] == 0xff;
 }
 
+/* IPv6 extension headers with the common (next, length in 8-byte units) layout: hop-by-hop,
+ * routing, destination options, mobility, HIP, shim6. */
+static __always_inline int sluice_ipv6_ext_generic(__u8 next)
+{
+    return next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS || next == 135 ||
+           next == 139 || next == 140;
+}
+
 static __always_inline int sluice_parse_l4(void *data, void *data_end, struct sluice_pkt *pkt, __u32 off)
 {
     struct sluice_flow *f = &pkt->flow;
@@ -99,6 +107,8 @@ static __always_inline int sluice_parse(struct __sk_buff *skb, struct sluice_pkt
         return SLUICE_PARSE_MALFORMED;
     __u16 proto = eth->h_proto;
     __u32 off = sizeof(*eth);
+    if (skb->vlan_present) /* TC sees an offloaded outer tag in the skb, not in the frame */
+        pkt->vlan_id = skb->vlan_tci & 0x0fff;
 
 #pragma unroll
     for (int i = 0; i < SLUICE_MAX_VLAN; i++) {
@@ -107,7 +117,7 @@ static __always_inline int sluice_parse(struct __sk_buff *skb, struct sluice_pkt
         __u16 *tag = data + off; /* TCI, then the encapsulated protocol */
         if ((void *)(tag + 2) > data_end)
             return SLUICE_PARSE_MALFORMED;
-        if (i == 0)
+        if (!pkt->vlan_id)
             pkt->vlan_id = bpf_ntohs(tag[0]) & 0x0fff;
         proto = tag[1];
         off += 4;
@@ -154,12 +164,20 @@ static __always_inline int sluice_parse(struct __sk_buff *skb, struct sluice_pkt
         off += sizeof(*ip6);
 #pragma unroll
         for (int i = 0; i < SLUICE_MAX_IPV6_EXT; i++) {
-            if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS) {
+            if (f->flags & SLUICE_F_LATER_FRAG)
+                break; /* after a non-first fragment header comes payload, not headers */
+            if (sluice_ipv6_ext_generic(next)) {
                 __u8 *ext = data + off;
                 if ((void *)(ext + 2) > data_end)
                     return SLUICE_PARSE_MALFORMED;
                 next = ext[0];
                 off += (ext[1] + 1) * 8;
+            } else if (next == IPPROTO_AH) {
+                __u8 *ext = data + off; /* AH counts its length in 4-byte words, minus 2 */
+                if ((void *)(ext + 2) > data_end)
+                    return SLUICE_PARSE_MALFORMED;
+                next = ext[0];
+                off += (ext[1] + 2) * 4;
             } else if (next == IPPROTO_FRAGMENT) {
                 __u8 *ext = data + off;
                 if ((void *)(ext + 8) > data_end)
@@ -173,8 +191,8 @@ static __always_inline int sluice_parse(struct __sk_buff *skb, struct sluice_pkt
                 break;
             }
         }
-        if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS ||
-            next == IPPROTO_FRAGMENT)
+        if (!(f->flags & SLUICE_F_LATER_FRAG) &&
+            (sluice_ipv6_ext_generic(next) || next == IPPROTO_AH || next == IPPROTO_FRAGMENT))
             return SLUICE_PARSE_MALFORMED; /* longer chain than we walk: treat as hostile */
         f->proto = next;
         if (off > 0xffff)

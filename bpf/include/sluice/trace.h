@@ -14,6 +14,8 @@
 #include <sluice/parse.h>
 
 struct sluice_trace_cfg {
+    __u64 expires_ns; /* tracing stops by itself here (bpf_ktime_get_ns): a reader killed before it
+                         could switch tracing off costs nothing for long; live readers renew it */
     __u32 enabled;
     __u32 ifindex; /* 0: any interface */
     __u8 addr[16]; /* either side of the flow; used when has_addr */
@@ -45,9 +47,10 @@ SLUICE_CORE_RINGBUF(sluice_trace_events, 64);
 
 static __always_inline int sluice_addr_eq(const __u8 *a, const __u8 *b)
 {
-    /* no memcmp in BPF: it would become a call the loader cannot relocate */
-    const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
-    return x[0] == y[0] && x[1] == y[1];
+    /* no memcmp in BPF (it would become a call the loader cannot relocate); 4-byte words because
+     * the structs holding addresses are only 4-byte aligned on the stack */
+    const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+    return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
 }
 
 static __always_inline int sluice_trace_wanted(struct __sk_buff *skb, const struct sluice_pkt *pkt,
@@ -72,7 +75,9 @@ static __always_inline struct sluice_trace_event *sluice_trace_begin(struct __sk
 {
     u32 zero = 0;
     struct sluice_trace_cfg *cfg = sluice_trace_cfg.lookup(&zero);
-    if (!cfg || sluice_likely(!cfg->enabled) || !sluice_trace_wanted(skb, pkt, cfg))
+    if (!cfg || sluice_likely(!cfg->enabled))
+        return NULL;
+    if (bpf_ktime_get_ns() > cfg->expires_ns || !sluice_trace_wanted(skb, pkt, cfg))
         return NULL;
     struct sluice_trace_event *ev = sluice_trace_events.ringbuf_reserve(sizeof(*ev));
     if (!ev)
