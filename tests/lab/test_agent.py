@@ -213,3 +213,29 @@ def test_a_second_agent_on_the_same_state_refuses(agent, lab, plugin_path):
     assert second.stderr.strip().startswith("error: another agent (pid ")
     assert "\n" not in second.stderr.strip() and "Traceback" not in second.stderr
     assert agent.get("/readyz")[0] == 200  # the first one is untouched
+
+
+def test_reload_applies_new_programs_and_removes_plugins(agent, lab):
+    agent.start()
+    with_pass = agent.config.read_text().replace(
+        '  {{ fn = "probe_drop"'.replace("{{", "{"),
+        '  { fn = "probe_pass", iface = "ingress0", order = 200 },\n  { fn = "probe_drop"',
+    )
+    agent.config.write_text(with_pass)
+    agent.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while len(gw_filters(lab)) != 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [f[2] for f in gw_filters(lab)] == [100, 200, 300]
+    assert udp_reaches_server(lab, 9)  # the chain now ends at probe_pass, before the drop
+
+    agent.config.write_text(
+        with_pass.replace("plugins = ['chainprobe']", "plugins = []").split("[plugins.")[0]
+    )
+    agent.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while gw_filters(lab) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert gw_filters(lab) == []
+    status, body = agent.get("/readyz")
+    assert status == 200 and body["plugins"] == {}

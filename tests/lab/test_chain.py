@@ -2,17 +2,18 @@
 
 import ctypes as ct
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from sluice.bpf import tc
+from sluice.bpf import libbpf, tc
 from sluice.bpf.maps import Map
 from sluice.datapath import Datapath
 from sluice.lab import in_netns, netns_socket
 from sluice.programs import TC, Program, Tracepoint
-from sluice.trace import TraceSession
+from sluice.trace import TraceCfg, TraceSession
 from tests.netlab import netns_pair
 
 pytestmark = pytest.mark.lab
@@ -139,3 +140,44 @@ def test_tracepoint_program_sees_real_drops(pair, bpffs, state_dir):
     after = sum(dict(table.items()).values())
     assert after - before >= 20
     bpf.cleanup()
+
+
+def test_clsact_stays_when_another_tool_filters_on_it(pair, bpffs, state_dir):
+    ns = pair.b
+    subprocess.run(
+        ["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", "veth0", "clsact"], capture_output=True
+    )
+    with in_netns(ns):
+        dp = Datapath(bpffs, state_dir, [])
+        dp.load("chainprobe", [program(("probe_count", 100))])  # sluice adds the clsact qdisc
+    u32 = ["tc", "filter", "add", "dev", "veth0", "ingress", "prio", "5000", "protocol", "ip",
+           "u32", "match", "ip", "dport", "7", "0xffff", "flowid", "1:1"]  # fmt: skip
+    added = subprocess.run(["ip", "netns", "exec", ns, *u32], capture_output=True, text=True)
+    if added.returncode:
+        pytest.skip(f"cls_u32: {added.stderr.strip()}")
+    with in_netns(ns):
+        dp.detach()
+    shown = subprocess.run(
+        ["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", "veth0", "ingress"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "u32" in shown and "sluice" not in shown  # ours gone, theirs (and the qdisc) kept
+
+
+def test_a_trace_nobody_renews_switches_itself_off(pair, bpffs, state_dir):
+    with in_netns(pair.b):
+        dp = Datapath(bpffs, state_dir, [])
+        dp.load("chainprobe", [program(("probe_count", 100))])
+    try:
+        with TraceSession(bpffs, proto=socket.IPPROTO_UDP, port=9) as trace:
+            udp_delivered(pair, 9)
+            assert [e.fn for e in trace.poll(300)] == ["probe_count"]
+            expired = TraceCfg.from_buffer_copy(bytes(trace.cfg))
+            expired.expires_ns = time.monotonic_ns() - 1  # as if the reader died a lease ago
+            libbpf.map_update_elem(trace.cfg_fd, ct.c_uint32(0), expired)
+            udp_delivered(pair, 9)
+            assert trace._lib.bpf_poll_ringbuf(trace._rb, 300) == 0 and trace._events == []
+    finally:
+        with in_netns(pair.b):
+            dp.detach()
