@@ -352,10 +352,17 @@ def build_cli(manager: PluginManager | None = None) -> click.Group:
         from sluice.datapath import cleanup as do_cleanup
 
         try:
-            result = do_cleanup(obj.settings.bpffs, obj.settings.state_dir)
+            result = do_cleanup(obj.settings.bpffs, obj.settings.state_dir, lambda: _plugin_cleanup(obj))
         except CleanupRefused as exc:
             raise CLIError(str(exc)) from None
-        emit(result, as_json, lambda r: f"removed {r['filters']} filters and {r['pins']} pins")
+        emit(
+            result,
+            as_json,
+            lambda r: (
+                f"removed {r['filters']} filters and {r['pins']} pins"
+                + "".join(f"\n{line}" for line in r["other"])
+            ),
+        )
 
     # ---- lab ------------------------------------------------------------------------------
     @root.group()
@@ -421,6 +428,20 @@ def build_cli(manager: PluginManager | None = None) -> click.Group:
             taken[command.name] = plugin
             root.add_command(command)
     return root
+
+
+def _plugin_cleanup(obj: Obj) -> list[str]:
+    """Every installed plugin's own leftovers (sluice_cleanup); one plugin failing is reported."""
+    removed = []
+    for name in obj.manager.available():
+        try:
+            removed += [
+                f"{name}: {item}"
+                for item in obj.manager.call(name, "sluice_cleanup", settings=obj.settings) or []
+            ]
+        except Exception as exc:
+            removed.append(f"{name}: cleanup failed: {type(exc).__name__}: {exc}")
+    return removed
 
 
 def _hex(value) -> str:

@@ -191,11 +191,12 @@ class CleanupRefused(Exception):
     """Cleanup would pull programs and pins from under a running agent."""
 
 
-def cleanup(bpffs: Path, state_dir: Path) -> dict[str, int]:
+def cleanup(bpffs: Path, state_dir: Path, plugin_cleanup=None) -> dict:
     """Remove everything sluice attached in this network namespace, and its pins.
 
     Recorded attachments are removed first; then any filter still named ``sluice:*`` (a record
-    lost with /run) is removed too. Pins go last: the programs using them are gone by then.
+    lost with /run) is removed too; then ``plugin_cleanup()`` (plugins' own leftovers, such as
+    devices). Pins go last: the programs using them are gone by then.
     """
     lock = state_dir / "agent.lock"
     if lock.exists():
@@ -212,9 +213,10 @@ def cleanup(bpffs: Path, state_dir: Path) -> dict[str, int]:
         for f in tc.list_filters(ipr):
             if f.owned and tc.detach(ipr, f.ifindex, f.direction, f.prio):
                 removed += 1
+    others = plugin_cleanup() if plugin_cleanup else []
     pins = 0
     root = bpffs / "sluice"
     if root.is_dir():
         pins = sum(1 for p in root.rglob("*") if not p.is_dir())
         shutil.rmtree(root, ignore_errors=True)
-    return {"filters": removed, "pins": pins}
+    return {"filters": removed, "pins": pins, "other": others}

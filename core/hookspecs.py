@@ -138,6 +138,17 @@ def sluice_stop(ctx: PluginContext) -> Awaitable[None] | None:
     """
 
 
+@hookspec
+def sluice_cleanup(settings) -> Sequence[str] | None:
+    """Remove what this plugin made outside its pins and TC filters (tunnel devices, say).
+
+    Called per installed plugin by ``sluice cleanup``, after the core detached every filter and
+    before it removes the pins, in the network namespace cleanup runs in; the agent is not
+    running. ``settings`` is the ``[agent]`` table. Return short descriptions of what was removed.
+    Must not fail when there is nothing to remove.
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # Surfaces: CLI, control API, metrics
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,12 @@ with ``nodad`` and DAD switched off, so addresses are usable the moment ``up()``
     gw      mgmt0          19  10.99.9.1/24    fd00:99:9::1/64     02:99:09:00:00:01  control plane
     nats    eth0           29  10.99.9.2/24    fd00:99:9::2/64     02:99:09:00:00:02  nats-server :4222
 
+The overlay: the peer decapsulates VXLAN VNI 100 with a plain kernel device ``vx0`` (MAC
+02:0a:63:03:02:ff, 10.99.200.1/24) and sends its answers to the client back through the gateway's
+underlay address; the gateway routes 10.99.200.0/24 to underlay0 (MTU 1450). Nothing in the lab
+encapsulates: with the tunnel plugin's route for 10.99.200.0/24 (the embedded default config) the
+client reaches 10.99.200.1 only through the BPF program.
+
 The interface names inside the gw namespace (``ingress0``, ``egress0``, ``underlay0``,
 ``mgmt0``) are part of the contract: the agent's default config refers to them. The gw forwards
 IPv4 and IPv6; every other host has default routes (v4 and v6) via its gw-side address, so
@@ -68,6 +74,14 @@ from sluice import netns
 DEFAULT_PREFIX = "sl-"
 DEFAULT_STATE_ROOT = "/run/sluice/lab"
 HOSTS = ("client", "gw", "server", "peer", "nats")
+
+# The overlay behind the tunnel peer (module docstring). The MACs follow the tunnel plugin's rule,
+# 02:<last 4 bytes of the underlay address>:ff, so inner frames arrive as PACKET_HOST.
+OVERLAY_NET = "10.99.200.0/24"
+OVERLAY_PEER_ADDR = "10.99.200.1"
+OVERLAY_VNI = 100
+OVERLAY_PEER_MAC = "02:0a:63:03:02:ff"  # from 10.99.3.2
+OVERLAY_GW_MAC = "02:0a:63:03:01:ff"  # from 10.99.3.1: the gateway's flow-based tunnel device
 
 
 class LabError(RuntimeError):
@@ -540,9 +554,33 @@ class Lab:
                 via = _ip(_Endpoint("gw", link.gw_if, link.net, 1), family)
                 run_ip(f"-{family}", "-n", far, "route", "add", "default", "via", via)
         wait_links_ready([(self.ns(ep.host), ep.ifname) for ep in ENDPOINTS.values()], self.spec.wait_timeout)
+        self._build_overlay()
 
         pids = {"dnsmasq": self._start_dnsmasq(), "nats": self._start_nats()}
         self._write_state(pids)
+
+    def _build_overlay(self) -> None:
+        """The tunnel peer's end of the overlay (see the module docstring): a plain kernel vxlan
+        device decapsulating what the gateway's tunnel program encapsulates, and answering back
+        through the gateway's flow-based tunnel device. Skipped where the kernel has no vxlan."""
+        peer, gw = self.ns("peer"), self.ns("gw")
+        made = run_ip(
+            "-n", peer, "link", "add", "vx0", "address", OVERLAY_PEER_MAC, "type", "vxlan", "id", str(OVERLAY_VNI),
+            "dstport", "4789", "local", self.addr("peer"), "nolearning", check=False,
+        )  # fmt: skip
+        if made.returncode:
+            return
+        run_ip("-n", peer, "addr", "add", OVERLAY_PEER_ADDR + "/24", "dev", "vx0")
+        run_ip("-n", peer, "link", "set", "vx0", "up")
+        subprocess.run(
+            ["ip", "netns", "exec", peer, "bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vx0", "dst",
+             self.addr("gw-underlay")], check=True, capture_output=True,
+        )  # fmt: skip
+        run_ip("-n", peer, "route", "add", f"{self.addr('client')}/32", "dev", "vx0")
+        run_ip("-n", peer, "neigh", "add", self.addr("client"), "lladdr", OVERLAY_GW_MAC, "dev", "vx0")
+        run_ip(
+            "-n", gw, "route", "add", OVERLAY_NET, "via", self.addr("peer"), "dev", "underlay0", "mtu", "1450"
+        )
 
     def _write_state(self, pids: dict[str, int]) -> None:
         state = {"spec": self.spec.fingerprint(), "pids": pids, "created": time.time()}

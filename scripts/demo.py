@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from sluice.lab import Lab, LabSpec, lab_cleanup_all
+from sluice.lab import OVERLAY_PEER_ADDR, Lab, LabSpec, lab_cleanup_all
 from sluice.testing import AgentProcess
 
 PREFIX = "sl-"
@@ -65,6 +65,13 @@ def drive_traffic(lab: Lab) -> None:
                 print(f"dns {name} {qtype}: rcode {reply.rcode} {[a.data for a in reply.answers]}")
             except Exception as exc:
                 print(f"dns {name} {qtype}: {exc}")
+        out = lab.exec(
+            "client", ["ping", "-c", "3", "-i", "0.2", "-W", "1", "-n", OVERLAY_PEER_ADDR], check=False
+        )
+        lines = out.stdout.strip().splitlines()
+        print(
+            f"overlay {OVERLAY_PEER_ADDR} (VXLAN by the tunnel plugin): {lines[-2] if len(lines) > 1 else out.stderr}"
+        )
         for family in (4, 6):
             host = lab.addr("server", family)
             url = f"http://{host}:8080/" if family == 4 else f"http://[{host}]:8080/"
@@ -115,7 +122,7 @@ def main() -> int:
             f"ready: {ready.get('ready')}  "
             + ", ".join(f"{n}={p['state']}" for n, p in ready["plugins"].items())
         )
-        say("traffic from the client through the gateway")
+        say("traffic from the client through the gateway, and into the overlay behind the tunnel peer")
         drive_traffic(lab)
         time.sleep(1)
         for section, commands in SHOW.items():

@@ -219,6 +219,11 @@ def _api_errors(handler):
 
 
 @hookimpl
+def sluice_cleanup(settings):
+    return [f"removed device {name}" for name in devices.remove_all()]
+
+
+@hookimpl
 def sluice_cli_commands():
     from sluice.plugins.tunnel.cli import tunnel_group
 
