@@ -150,6 +150,8 @@ def cflags_for(owner: str, bpffs: Path, extra: list[str] | tuple[str, ...] = ())
         f'-DSLUICE_CORE_PIN_DIR="{pin_dir(bpffs, "core")}"',
         f'-DSLUICE_PLUGIN="{owner[:15]}"',
         "-Wno-unused-function",
+        # BCC turns an undeclared function into a call the kernel rejects ("jump out of range").
+        "-Werror=implicit-function-declaration",
         *extra,
     ]
 
