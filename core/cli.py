@@ -91,6 +91,9 @@ def build_cli(manager: PluginManager | None = None) -> click.Group:
     @click.pass_context
     def root(ctx, config_path, netns):
         """sluice: a pluggable eBPF network agent."""
+        from sluice import log as slog
+
+        slog.configure("warning")  # commands print their results; `agent run` sets its own level
         if netns:
             _enter_netns(netns)
         ctx.obj = Obj(config_path, manager)

@@ -24,7 +24,7 @@ SHOW = {
     "core": [["plugins", "list"], ["hooks"], ["maps", "list"]],
     "flowmon": [["flows", "list", "--host", "10.99.1.2"], ["flows", "dns"], ["flows", "drops"]],
     "conntrack": [["ct", "list", "--limit", "10"], ["ct", "count"]],
-    "firewall": [["fw", "counters"], ["fw", "sessions", "--limit", "10"], ["fw", "dns"]],
+    "firewall": [["fw", "counters"], ["fw", "sessions"], ["fw", "dns"], ["fw", "audit"]],
     "tunnel": [["tunnel", "routes"], ["tunnel", "health"], ["tunnel", "devices"]],
     "replication": [["repl", "status"], ["repl", "list", "--owner", "firewall", "--limit", "10"]],
 }
@@ -41,19 +41,13 @@ def sluice(*argv: str, check: bool = False) -> int:
 
 
 def drive_traffic(lab: Lab) -> None:
-    server = lab.popen(
-        "server",
-        [sys.executable, "-m", "http.server", "8080", "--bind", "::"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = lab.popen("server", [sys.executable, "-m", "http.server", "8080", "--bind", "::"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         time.sleep(0.5)
         for family in (4, 6):
-            out = lab.exec(
-                "client", ["ping", "-c", "3", "-i", "0.2", "-n", lab.addr("server", family)], check=False
-            )
-            print(out.stdout.strip().splitlines()[-2] if out.stdout else out.stderr.strip())
+            show_ping(lab, lab.addr("server", family), "server")
+        gateway = lab.addr("gw-ingress")  # the firewall's DNS proxy: answers become allows
         for name, qtype in (
             ("allowed.test", "A"),
             ("allowed.test", "AAAA"),
@@ -61,27 +55,30 @@ def drive_traffic(lab: Lab) -> None:
             ("other.test", "A"),
         ):
             try:
-                reply = lab.dns_query("client", name, qtype)
-                print(f"dns {name} {qtype}: rcode {reply.rcode} {[a.data for a in reply.answers]}")
+                reply = lab.dns_query("client", name, qtype, server=gateway)
+                rcode = {0: "NOERROR", 3: "NXDOMAIN", 5: "REFUSED"}.get(reply.rcode, reply.rcode)
+                print(f"dns via the gateway {name} {qtype}: {rcode} {[a.data for a in reply.answers]}")
             except Exception as exc:
                 print(f"dns {name} {qtype}: {exc}")
-        out = lab.exec(
-            "client", ["ping", "-c", "3", "-i", "0.2", "-W", "1", "-n", OVERLAY_PEER_ADDR], check=False
-        )
-        lines = out.stdout.strip().splitlines()
-        print(
-            f"overlay {OVERLAY_PEER_ADDR} (VXLAN by the tunnel plugin): {lines[-2] if len(lines) > 1 else out.stderr}"
-        )
-        for family in (4, 6):
-            host = lab.addr("server", family)
-            url = f"http://{host}:8080/" if family == 4 else f"http://[{host}]:8080/"
+        for url, why in (
+            ("http://10.99.2.2:8080/", "allowed.test, learned from its DNS answer"),
+            ("http://[fd00:99:2::2]:8080/", "allowed.test's AAAA"),
+            ("http://10.99.2.3:8080/", "other.test: no rule allows it"),
+        ):
             out = lab.exec(
-                "client", ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "3", url], check=False
+                "client", ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "2", url], check=False
             )
-            print(f"http {url}: {out.stdout or out.stderr.strip()}")
+            print(f"http {url} ({why}): {'blocked' if out.stdout in ('', '000') else out.stdout}")
+        show_ping(lab, OVERLAY_PEER_ADDR, "the overlay behind the tunnel peer (VXLAN by the tunnel plugin)")
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(5)
+
+
+def show_ping(lab: Lab, addr: str, what: str) -> None:
+    out = lab.exec("client", ["ping", "-c", "3", "-i", "0.2", "-W", "1", "-n", addr], check=False)
+    summary = next((ln for ln in out.stdout.splitlines() if "packets transmitted" in ln), out.stderr.strip())
+    print(f"ping {addr} ({what}): {summary}")
 
 
 def leftovers() -> list[str]:
