@@ -80,8 +80,14 @@ def routes(fw) -> list[web.RouteDef]:
             network = fw.policy.network(body["network"])
             rule = Rule.model_validate(body["rule"])
             rules = list(network.rules)
-            position = body.get("position") or len(rules) + 1
-            if not isinstance(position, int) or not 1 <= position <= len(rules) + 1:
+            position = body.get("position")
+            if position is None:
+                position = len(rules) + 1
+            if (
+                not isinstance(position, int)
+                or isinstance(position, bool)
+                or not 1 <= position <= len(rules) + 1
+            ):
                 raise ValueError(f"position {position!r}: 1..{len(rules) + 1}")
             rules.insert(position - 1, rule)
             generation = fw.apply(_with_rules(fw.policy, network.name, rules))

@@ -139,7 +139,11 @@ class Firewall:
         touching anything when it does not compile."""
         compiled = compile_policy(policy, self.implicit_rules())
         with self.maps.lock:
-            self.generation = self.maps.apply(compiled, self._dns_entries(policy))
+            try:
+                generation = self.maps.apply(compiled, self._dns_entries(policy))
+            except OSError as exc:  # a map is full: only the inactive generation was written
+                raise ValueError(f"the policy does not fit the datapath's maps: {exc}") from None
+            self.generation = generation
             self.policy = policy
         if persist:
             tmp = self.policy_file.with_suffix(".tmp")
@@ -152,7 +156,13 @@ class Firewall:
         return self.generation
 
     def reload(self, cfg) -> None:
-        self.cfg = cfg
+        """Follow a new config; raises ValueError, changing nothing, when its policy does not compile."""
+        old, self.cfg = self.cfg, cfg
+        try:
+            compile_policy(cfg.policy(), self.implicit_rules())
+        except ValueError:
+            self.cfg = old
+            raise
         self.maps.init_settings(cfg.settings)
         self.write_ilb()
         saved = self._load_saved()

@@ -218,6 +218,33 @@ def test_bad_policy_changes_nothing(fw, loaded):
     assert out(loaded, frames.packet(CLIENT, SERVER, 6, 40005, 80)) == NEXT
 
 
+def test_policy_too_big_for_the_maps_is_a_value_error_and_changes_nothing(fw, loaded):
+    generation = fw.generation
+    management = [f"192.168.{i // 250}.{i % 250}/32" for i in range(300)]  # fw_bypass holds 256
+    with pytest.raises(ValueError, match="does not fit"):
+        fw.apply(fw.policy.model_copy(update={"management": management}))
+    assert fw.generation == generation == fw.maps.active() and fw.policy.management == []
+    assert not fw.policy_file.exists()
+    assert out(loaded, frames.packet(CLIENT, SERVER, 6, 40008, 80)) == NEXT
+
+
+def test_reload_with_a_policy_that_does_not_compile_changes_nothing(fw, loaded):
+    network = fw.policy.networks[0]
+    fw.apply(
+        fw.policy.model_copy(update={"networks": [network.model_copy(update={"rules": network.rules[:1]})]})
+    )
+    saved = fw.policy_file.read_text()
+    many = [{"proto": "tcp", "dst": "10.2.0.0/16", "ports": p} for p in range(1, 30)]
+    bad = Config.model_validate(
+        dict(CONFIG, settings={"audit-mode": 1}, networks=[dict(CONFIG["networks"][0], rules=many)])
+    )
+    config, policy = fw.cfg, fw.policy
+    with pytest.raises(ValueError, match="at most 16 may overlap"):
+        fw.reload(bad)
+    assert fw.cfg is config and fw.policy == policy and fw.policy_file.read_text() == saved
+    assert fw.maps.get_setting("audit-mode") == 0
+
+
 def test_geneve_metadata_travels_with_the_session(fw, loaded):
     assert out(loaded, syn()) == NEXT
     [(key, _)] = list(fw.maps.sessions())

@@ -33,7 +33,10 @@ SRV = {4: "10.99.2.2", 6: "fd00:99:2::2"}
 OTHER = {4: "10.99.2.3", 6: "fd00:99:2::3"}
 TCP_PORTS = (8080, 8081, 8082, 8083)  # 8080 by CIDR; 8081 via allowed.test; 8082 via cname.test; 8083 never
 UDP_PORT = 9000
-DNS_TTL = 2
+DNS_TTL = 5  # with grace 1: an allow lives 6 s, room for a slow client (or CLI) after the answer
+# Probes expected to succeed wait long enough for a loaded machine; probes expected to be
+# blocked give up sooner (they can only pass wrongly by getting an answer, which is fast).
+ALLOWED, BLOCKED = 5.0, 1.0
 
 CONFIG = """
 [agent]
@@ -54,6 +57,7 @@ listen = ["{gw4}", "{gw6}"]
 upstream = "10.99.2.53"
 min_ttl = 0
 grace = 1
+timeout = 5
 
 [plugins.firewall.geneve]
 enabled = true
@@ -142,7 +146,7 @@ class Servers:
             s.close()
 
 
-def tcp_connect(lab_, dst: str, port: int, timeout: float = 1.0) -> socket.socket | None:
+def tcp_connect(lab_, dst: str, port: int, timeout: float = ALLOWED) -> socket.socket | None:
     """A connected socket from the client, or None when the handshake does not complete."""
     s = lab_.socket("client", 6 if ":" in dst else 4, socket.SOCK_STREAM)
     s.settimeout(timeout)
@@ -154,7 +158,7 @@ def tcp_connect(lab_, dst: str, port: int, timeout: float = 1.0) -> socket.socke
         return None
 
 
-def tcp_echo(lab_, dst: str, port: int, timeout: float = 1.0) -> bool:
+def tcp_echo(lab_, dst: str, port: int, timeout: float = ALLOWED) -> bool:
     s = tcp_connect(lab_, dst, port, timeout)
     if s is None:
         return False
@@ -166,7 +170,7 @@ def tcp_echo(lab_, dst: str, port: int, timeout: float = 1.0) -> bool:
             return False
 
 
-def udp_echo(lab_, dst: str, port: int = UDP_PORT, timeout: float = 1.0) -> bool:
+def udp_echo(lab_, dst: str, port: int = UDP_PORT, timeout: float = ALLOWED) -> bool:
     with lab_.socket("client", 6 if ":" in dst else 4, socket.SOCK_DGRAM) as u:
         u.settimeout(timeout)
         u.sendto(b"ping", (dst, port))
@@ -176,9 +180,9 @@ def udp_echo(lab_, dst: str, port: int = UDP_PORT, timeout: float = 1.0) -> bool
             return False
 
 
-def can_ping(lab_, src: str, dst: str) -> bool:
+def can_ping(lab_, src: str, dst: str, timeout: float = ALLOWED) -> bool:
     try:
-        ping(lab_.ns(src), dst, timeout=1.0)
+        ping(lab_.ns(src), dst, timeout=timeout)
         return True
     except TimeoutError:
         return False
@@ -196,13 +200,13 @@ class Agent:
         self.proc: subprocess.Popen | None = None
 
     def start(self):
-        log = open(self.root / "agent.log", "ab")  # noqa: SIM115 (kept open for the process)
-        self.proc = subprocess.Popen(
-            [SLUICE, "--netns", self.lab.ns("gw"), "-c", str(self.config), "agent", "run"],
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-        )
+        with open(self.root / "agent.log", "ab") as log:  # the process keeps its own copy
+            self.proc = subprocess.Popen(
+                [SLUICE, "--netns", self.lab.ns("gw"), "-c", str(self.config), "agent", "run"],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -249,21 +253,31 @@ def env(kernel_ready, tmp_path_factory):
     root = tmp_path_factory.mktemp("fw")
     bpffs = Path("/sys/fs/bpf") / f"sluice-test-{uuid.uuid4().hex[:8]}"
     bpffs.mkdir()
-    with lab(dns_ttl=DNS_TTL) as lab_:
-        servers = Servers(lab_)
-        agent = Agent(lab_, root, bpffs)
-        agent.servers = servers
-        try:
-            agent.start()
-            yield lab_, agent
-        finally:
-            agent.stop()
-            servers.close()
-    shutil.rmtree(bpffs, ignore_errors=True)
+    try:
+        with lab(dns_ttl=DNS_TTL) as lab_:
+            servers = Servers(lab_)
+            agent = Agent(lab_, root, bpffs)
+            agent.servers = servers
+            try:
+                agent.start()
+                yield lab_, agent
+            finally:
+                agent.stop()
+                servers.close()
+    finally:  # even when the lab could not be built or torn down
+        shutil.rmtree(bpffs, ignore_errors=True)
 
 
 def dns(lab_, name: str, qtype: str = "A", server: str = GW4):
-    return lab_.dns_query("client", name, qtype, server=server)
+    return lab_.dns_query("client", name, qtype, server=server, timeout=10.0)
+
+
+def wait_unlearned(agent, addr: str, timeout: float = DNS_TTL + 1 + 10) -> None:
+    """Until the agent holds no learned allow for ``addr`` (it expires them on their own)."""
+    deadline = time.monotonic() + timeout
+    while addr in {r["addr"] for r in agent.api("GET", "/v1/firewall/dns")[1]["learned"]}:
+        assert time.monotonic() < deadline, f"learned allow for {addr} never expired"
+        time.sleep(0.2)
 
 
 # ---- policy per protocol and family ----
@@ -273,8 +287,8 @@ def dns(lab_, name: str, qtype: str = "A", server: str = GW4):
 def test_tcp_allowed_and_blocked(env, family):
     lab_, _ = env
     assert tcp_echo(lab_, SRV[family], 8080)
-    assert not tcp_echo(lab_, SRV[family], 8083)  # no rule: default deny
-    assert not tcp_echo(lab_, OTHER[family], 8080)  # the rule names one host
+    assert not tcp_echo(lab_, SRV[family], 8083, timeout=BLOCKED)  # no rule: default deny
+    assert not tcp_echo(lab_, OTHER[family], 8080, timeout=BLOCKED)  # the rule names one host
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -282,14 +296,14 @@ def test_udp_allowed_and_blocked(env, family):
     lab_, _ = env
     assert udp_echo(lab_, SRV[family])
     # IPv4: rule 3 denies 10.99.2.3 before rule 4 allows its /24; IPv6 has no such deny
-    assert udp_echo(lab_, OTHER[family]) == (family == 6)
+    assert udp_echo(lab_, OTHER[family], timeout=ALLOWED if family == 6 else BLOCKED) == (family == 6)
 
 
 @pytest.mark.parametrize("family", [4, 6])
 def test_icmp_allowed_and_blocked(env, family):
     lab_, _ = env
     assert can_ping(lab_, "client", SRV[family])
-    assert not can_ping(lab_, "client", OTHER[family])
+    assert not can_ping(lab_, "client", OTHER[family], timeout=BLOCKED)
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -306,7 +320,7 @@ def test_unsolicited_inbound_blocked(env, family):
         s.settimeout(1.0)
         with s, pytest.raises(OSError):
             s.connect((client, 7000))
-        assert not can_ping(lab_, "server", client)
+        assert not can_ping(lab_, "server", client, timeout=BLOCKED)
     finally:
         listener.close()
 
@@ -316,17 +330,17 @@ def test_unsolicited_inbound_blocked(env, family):
 
 @pytest.mark.parametrize("family", [4, 6])
 def test_hostname_reachable_right_after_resolution_then_expires(env, family):
-    lab_, _ = env
+    lab_, agent = env
     qtype = "A" if family == 4 else "AAAA"
     # a fresh start for this family: wait out any allow an earlier test learned
-    time.sleep(DNS_TTL + 1.5)
-    assert not tcp_echo(lab_, SRV[family], 8081)
+    wait_unlearned(agent, SRV[family])
+    assert not tcp_echo(lab_, SRV[family], 8081, timeout=BLOCKED)
     reply = dns(lab_, "allowed.test", qtype, server=GW4 if family == 4 else GW6)
     assert reply.rcode == 0 and reply.values(qtype) == [SRV[family]]
     assert tcp_echo(lab_, SRV[family], 8081)  # the very first SYN after the answer passes
-    assert not tcp_echo(lab_, SRV[family], 8082)  # only the rule's port
+    assert not tcp_echo(lab_, SRV[family], 8082, timeout=BLOCKED)  # only the rule's port
     time.sleep(DNS_TTL + 1 + 1.5)  # TTL + grace, and a little
-    assert not tcp_echo(lab_, SRV[family], 8081)
+    assert not tcp_echo(lab_, SRV[family], 8081, timeout=BLOCKED)
 
 
 def test_cname_chain_followed(env):
@@ -340,7 +354,7 @@ def test_cname_chain_followed(env):
 def test_disallowed_names_refused(env, name):
     lab_, _ = env
     assert dns(lab_, name).rcode == 3  # NXDOMAIN (dns.deny defaults to nxdomain)
-    assert not tcp_echo(lab_, OTHER[4], 8081)
+    assert not tcp_echo(lab_, OTHER[4], 8081, timeout=BLOCKED)
 
 
 def _forged_answer(qid: int, name: str, addr: str) -> bytes:
@@ -362,7 +376,7 @@ def test_forged_answers_from_a_rogue_host_open_nothing(env):
         rogue.bind(("10.99.2.53", 0))  # even from the upstream's own address, from the wrong port
         for qid in range(0, 65536, 4099):
             rogue.sendto(_forged_answer(qid, "allowed.test", OTHER[4]), (GW4, 53))
-    assert not tcp_echo(lab_, OTHER[4], 8081)
+    assert not tcp_echo(lab_, OTHER[4], 8081, timeout=BLOCKED)
     after = agent.api("GET", "/v1/firewall/dns")[1]
     assert after["stats"]["ignored"] > before
     assert OTHER[4] not in {r["addr"] for r in after["learned"]}
@@ -373,7 +387,7 @@ def test_dns_over_tcp(env):
     name = b"".join(bytes([len(p)]) + p.encode() for p in ("allowed", "test")) + b"\0"
     query = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + name + struct.pack("!HH", 1, 1)
     with lab_.socket("client", 4, socket.SOCK_STREAM) as s:
-        s.settimeout(3)
+        s.settimeout(10)
         s.connect((GW4, 53))
         s.sendall(struct.pack("!H", len(query)) + query)
         size = struct.unpack("!H", s.recv(2))[0]
@@ -390,7 +404,7 @@ def test_dns_over_tcp(env):
 
 def test_audit_mode_passes_and_reports_live(env):
     lab_, agent = env
-    assert not tcp_echo(lab_, SRV[4], 8083)
+    assert not tcp_echo(lab_, SRV[4], 8083, timeout=BLOCKED)
     agent.cli("settings", "set", "audit-mode", "1")
     try:
         assert json.loads(agent.cli("settings", "get", "audit-mode", "--json").stdout) == {"audit-mode": 1}
@@ -482,7 +496,7 @@ def test_policy_update_under_traffic_never_drops_an_allowed_flow(env):
                 except OSError as exc:
                     failures.append(f"stream: {exc}")
                     return
-                if not tcp_echo(lab_, SRV[4], 8080, timeout=2):
+                if not tcp_echo(lab_, SRV[4], 8080):
                     failures.append("new connection failed")
 
     t = threading.Thread(target=traffic)
@@ -506,7 +520,7 @@ def test_established_tcp_survives_agent_restart(env):
     lab_, agent = env
     conn = tcp_connect(lab_, SRV[4], 8080)
     with conn:
-        conn.settimeout(2)
+        conn.settimeout(ALLOWED)
         conn.sendall(b"before")
         assert conn.recv(16) == b"before"
         agent.stop()
@@ -525,7 +539,7 @@ def test_established_tcp_survives_agent_restart(env):
 PEER_MAC, GW_UNDERLAY_MAC = bytes.fromhex("029903000002"), bytes.fromhex("029903000001")
 
 
-def _geneve_exchange(lab_, frame: bytes, timeout: float = 2.0) -> bytes | None:
+def _geneve_exchange(lab_, frame: bytes, timeout: float = ALLOWED) -> bytes | None:
     """Send ``frame`` from the peer's eth0 and return the first GENEVE frame that comes back."""
     with lab_.socket("peer", socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800)) as raw:
         raw.bind(("eth0", 0))
@@ -605,6 +619,8 @@ def test_api_rejects_bad_input_and_changes_nothing(env):
         ("PUT", "/v1/firewall/policy", [1, 2, 3]),
         ("POST", "/v1/firewall/rules", {"network": "clients", "rule": {"proto": "tcp", "ports": "99999"}}),
         ("POST", "/v1/firewall/rules", {"network": "clients", "rule": {}, "position": 99}),
+        ("POST", "/v1/firewall/rules", {"network": "clients", "rule": {}, "position": 0}),
+        ("POST", "/v1/firewall/rules", {"network": "clients", "rule": {}, "position": True}),
         ("PUT", "/v1/firewall/settings/audit-mode", {"value": -1}),
         ("PUT", "/v1/firewall/settings/audit-mode", {"value": "1"}),
         ("DELETE", "/v1/firewall/rules/clients/0", None),
