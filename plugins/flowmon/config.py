@@ -25,7 +25,7 @@ class FilterRule(pydantic.BaseModel):
     dport: int = pydantic.Field(0, ge=0, le=65535)
     direction: Literal["any", "ingress", "egress"] = "any"
     action: Literal["accept", "reject"] = "accept"
-    sampling: int = pydantic.Field(0, ge=0)  # 0: the global rate
+    sampling: int = pydantic.Field(0, ge=0, le=0xFFFFFFFF)  # 0: the global rate (a u32 in the map)
 
     @pydantic.field_validator("cidr", "peer")
     @classmethod
@@ -80,7 +80,7 @@ class Config(pydantic.BaseModel):
     max_flows: int = pydantic.Field(5000, ge=16, le=10_000_000)  # the kernel flow map's capacity
     active_timeout_s: float = pydantic.Field(5.0, gt=0)  # evict every this often
     early_evict_ratio: float = pydantic.Field(0.8, gt=0, le=1)  # ... or once the map is this full
-    sampling: int = pydantic.Field(1, ge=1)  # capture 1 packet in N
+    sampling: int = pydantic.Field(1, ge=1, le=0xFFFFFFFF)  # capture 1 packet in N (a u32 in the map)
     filters: list[FilterRule] = pydantic.Field(default_factory=list, max_length=MAX_RULES)
     rtt: bool = True
     dns: bool = True

@@ -184,6 +184,8 @@ def sluice_api_routes(ctx):
 
     async def set_health(request):
         body = await request.json()
+        if not isinstance(body, dict):
+            raise ValueError('expected a JSON object: {"peer": ..., "state": "up" | "down"}')
         state = body.get("state")
         if state not in ("up", "down"):
             raise ValueError("state must be 'up' or 'down'")

@@ -9,6 +9,7 @@ pinned trie already right writes nothing and the datapath sees no gap.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -247,13 +248,26 @@ class Tunnel:
 
     # ---- edits (each validates fully before touching anything) -------------------------------
 
+    @contextlib.contextmanager
+    def _all_or_nothing(self) -> Iterator[None]:
+        """An edit the trie cannot take (full: more routes than max_routes) is undone, so the
+        desired state never holds what no later apply (health, reload, restart) could write."""
+        saved = dict(self.config_routes), dict(self.api_routes)
+        try:
+            yield
+        except OSError as exc:
+            self.config_routes, self.api_routes = saved
+            self._save_state()
+            self.apply()  # the trie back to the previous routes
+            raise ValueError(f"routes not applied, nothing changed: {exc}") from None
+
     def set_config_routes(self, routes: Iterable[Route]) -> ReconcileResult:
-        with self.lock:
+        with self.lock, self._all_or_nothing():
             self.config_routes = _by_dst(routes)
             return self.apply()
 
     def put_route(self, route: Route) -> ReconcileResult:
-        with self.lock:
+        with self.lock, self._all_or_nothing():
             self.api_routes[route.dst] = route
             self._save_state()
             return self.apply()
@@ -268,7 +282,7 @@ class Tunnel:
             return self.apply()
 
     def replace_api_routes(self, routes: Iterable[Route]) -> ReconcileResult:
-        with self.lock:
+        with self.lock, self._all_or_nothing():
             self.api_routes = _by_dst(routes)
             self._save_state()
             return self.apply()

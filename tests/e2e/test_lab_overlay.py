@@ -31,6 +31,9 @@ routes = [{{ dst = "10.99.200.0/24", nexthops = [{{ peer = "peer", underlay = "1
     with make_lab() as lab:
         ping = ["ping", "-c", "3", "-i", "0.2", "-W", "1", "-n", OVERLAY_PEER_ADDR]
         assert lab.exec("client", ping, check=False).returncode != 0  # no tunnel, no way back
+        # -W lingers only two round trips for the last reply once one came: a loaded host makes
+        # late replies look lost. -w waits (up to its deadline) for all three replies.
+        ping = ["ping", "-c", "3", "-i", "0.2", "-w", "15", "-n", OVERLAY_PEER_ADDR]
         agent = AgentProcess(cfg, lab.ns("gw"), None, tmp_path / "agent.log", state / "sluice.sock")
         try:
             ready = agent.start()

@@ -215,6 +215,26 @@ def test_stats_slots_follow_nexthops(trie):
     assert len(set(tunnel.stats_slots.values())) == 2
 
 
+def test_an_edit_the_trie_cannot_hold_changes_nothing(trie, tmp_path):
+    """The compiled trie holds 1024 routes: an edit beyond that is refused whole, and not kept
+    (or saved) as desired state that every later apply, probe or restart would fail on."""
+    tunnel = Tunnel(trie, resolve, tmp_path / "routes.json")
+    fits = [Route(dst=f"10.{i >> 8}.{i & 255}.0/24", nexthops=[NEXTHOPS[0]]) for i in range(1024)]
+    tunnel.replace_api_routes(fits)
+    before = kernel_state(trie)
+    extra = Route(dst="10.200.0.0/16", nexthops=[NEXTHOPS[0]])
+    with pytest.raises(ValueError, match="nothing changed"):
+        tunnel.put_route(extra)
+    with pytest.raises(ValueError, match="nothing changed"):
+        tunnel.set_config_routes([extra])
+    with pytest.raises(ValueError, match="nothing changed"):
+        tunnel.replace_api_routes([*fits, extra])
+    assert kernel_state(trie) == before and extra.dst not in tunnel.routes()
+    assert tunnel.set_health("a", False) == 1024  # later applies still work ...
+    restarted = Tunnel(trie, resolve, tmp_path / "routes.json")
+    assert restarted.apply().unchanged == 1024  # ... and so does a restart
+
+
 def test_batch_and_per_key_paths_agree(trie, compiled):
     desired = {
         bytes(trie_key(ipaddress.ip_network(f"10.{i >> 8}.{i & 255}.0/24"))): bytes(ct.sizeof(RouteValue))

@@ -20,6 +20,7 @@ from sluice.lab import in_netns
 from sluice.plugins.flowmon import drops
 from sluice.plugins.flowmon.config import Config
 from sluice.plugins.flowmon.monitor import Attacher, FlowMonitor, compile_datapath
+from sluice.plugins.flowmon.records import KEY, Flow
 from tests.netlab import lab, netns_pair, ping
 
 pytestmark = [
@@ -29,6 +30,43 @@ pytestmark = [
 INGRESS0, EGRESS0 = 11, 12  # ifindexes of the gw's interfaces (sluice.lab)
 ETH = 14
 SETTLE_S = 0.3  # let the last ACKs of a closed connection cross the gateway before evicting
+
+
+def wait_until(what: str, check, timeout: float = 15.0, every: float = 0.05):
+    """Poll ``check`` until it is truthy (packets cross the lab in softirqs, which a loaded host
+    runs late); fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)
+    return result
+
+
+def quiet(read, timeout: float = 15.0) -> None:
+    """Wait until ``read()`` gives the same value twice ``SETTLE_S`` apart (traffic has drained)."""
+    deadline, last = time.monotonic() + timeout, read()
+    while True:
+        time.sleep(SETTLE_S)
+        if (now := read()) == last:
+            return
+        assert time.monotonic() < deadline, "the traffic did not drain"
+        last = now
+
+
+def tcp_closed(lb, port: int) -> bool:
+    """No socket of client or server on ``port`` is still closing (only TIME_WAIT, or none): the
+    last FIN and ACK were delivered, so they have crossed the gateway."""
+    for host in ("client", "server"):
+        text = lb.exec(host, ["cat", "/proc/net/tcp", "/proc/net/tcp6"]).stdout
+        for line in text.splitlines():
+            fields = line.split()
+            if len(fields) < 4 or fields[0] == "sl":
+                continue
+            ports = {int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16)}
+            if port in ports and fields[3] != "06":  # 06: TIME_WAIT
+                return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +134,7 @@ def test_icmp_echo_counts_by_type_and_code(gw, family):
     lb, mon = gw
     src, dst = lb.addr("client", family), lb.addr("server", family)
     for _ in range(3):
-        ping(lb.ns("client"), dst)
+        ping(lb.ns("client"), dst, timeout=5)
     flows = mon.evict()
     proto, request, reply = (1, 8, 0) if family == 4 else (58, 128, 129)
     req = [f for f in flows if (f.src, f.dst, f.proto, f.sport) == (src, dst, proto, request)]
@@ -150,7 +188,7 @@ def tcp_exchange(lb, family: int, port: int, payload: bytes) -> float:
             got += cli.recv(65536)
     t.join(5)
     srv.close()
-    time.sleep(SETTLE_S)
+    wait_until(f"the TCP connection to port {port} to close", lambda: tcp_closed(lb, port))
     return connect_s
 
 
@@ -198,7 +236,14 @@ def test_drops_with_kernel_reasons(gw):
             c.settimeout(2)
             with pytest.raises(ConnectionRefusedError):
                 c.connect((dst, 7204))  # the SYN is freed with NO_SOCKET, a RST answers
-        time.sleep(SETTLE_S)
+
+        def dropped():
+            got = {Flow(KEY.unpack(bytes(k))) for k, _ in mon.drops.items()}
+            return {(src, dst, 17, 7202), (src, dst, 17, 7203), (src, dst, 6, 7204)} <= {
+                (f.src, f.dst, f.proto, f.dport) for f in got
+            }
+
+        wait_until("the three drops to be recorded", dropped)
     finally:
         lb.exec("server", ["nft", "delete", "table", "inet", "fm_drop"], check=False)
     flows = mon.evict()
@@ -215,10 +260,10 @@ def test_drops_with_kernel_reasons(gw):
 def test_dns_latency_rcode_and_name_against_dnsmasq(gw):
     lb, mon = gw
     t0 = time.perf_counter()
-    answer = lb.dns_query("client", "allowed.test")
+    answer = lb.dns_query("client", "allowed.test", timeout=5)
     elapsed_ns = (time.perf_counter() - t0) * 1e9
     assert answer.values("A") == ["10.99.2.2"]
-    lb.dns_query("client", "missing.test")
+    lb.dns_query("client", "missing.test", timeout=5)
     flows = mon.evict()
     responses = {f.dns_qname: f for f in flows if f.dns_flags & 0x8000 and f.src == lb.addr("dns")}
     ok, nx = responses["allowed.test"], responses["missing.test"]
@@ -265,7 +310,7 @@ def test_sampling_one_in_n_on_real_traffic(gw):
     with lb.socket("client", 4, socket.SOCK_DGRAM) as tx:
         for _ in range(n):
             tx.sendto(b"s", (dst, 7300))  # nobody listens; the gateway forwards them all
-    time.sleep(SETTLE_S)
+    quiet(lambda: (mon.counter_values()["sampled_out"], sum(f.packets for f in mon.peek())))
     flows = [f for f in mon.evict() if (f.src, f.dst, f.dport) == (src, dst, 7300)]
     counted = sum(f.packets for f in flows)
     # Each packet crosses two hooks (ingress0 in, egress0 out), each sampling on its own.
@@ -297,10 +342,21 @@ class Nfcapd:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(0.5)  # nfcapd binds before it prints anything; no readiness signal exists
+        # nfcapd prints nothing when it is ready: wait for its socket to be bound
+        wait_until("nfcapd to bind", lambda: self._rx_queue() is not None)
+
+    def _rx_queue(self) -> int | None:
+        """Bytes waiting in nfcapd's socket, None while nothing is bound to its port."""
+        for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == self.port:
+                return int(fields[4].split(":")[1], 16)
+        return None
 
     def records(self) -> list[dict]:
-        time.sleep(0.5)  # let nfcapd drain its socket: SIGTERM discards what it has not read
+        # SIGTERM discards what nfcapd has not read: wait until its socket is drained
+        wait_until("nfcapd to read its socket", lambda: self._rx_queue() == 0)
+        time.sleep(0.5)  # ... and to have handled the last message it read
         self.proc.terminate()
         self.proc.wait(10)
         files = [p for p in self.dir.rglob("nfcapd.*") if p.is_file()]
@@ -363,7 +419,7 @@ def test_ipfix_over_udp_decoded_by_nfcapd(gw, nfcapd):
     udp_traffic(lb, 4, 7401, sizes)
     udp_traffic(lb, 6, 7402, sizes)
     for _ in range(2):
-        ping(lb.ns("client"), lb.addr("server"))
+        ping(lb.ns("client"), lb.addr("server"), timeout=5)
     tcp_exchange(lb, 4, 7404, b"x" * 3000)
     exporter = Exporter(f"127.0.0.1:{nfcapd.port}", "udp")
     try:

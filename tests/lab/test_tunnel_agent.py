@@ -78,6 +78,7 @@ class Agent:
 
     def start(self) -> None:
         sock = self.state / "sluice.sock"
+        sock.unlink(missing_ok=True)  # a stopped agent's socket must not pass for a live one
         starts = self.reconciles()
         self.proc = subprocess.Popen(
             [*SLUICE, "--netns", self.ns, "-c", str(self.config), "agent", "run"],
@@ -85,10 +86,18 @@ class Agent:
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 60
-        while not sock.exists() or self.reconciles() == starts:
+        while self.reconciles() == starts or not self.answers(sock):
             assert self.proc.poll() is None, f"agent exited: {self.log.read_text()[-2000:]}"
             assert time.monotonic() < deadline, "agent did not come up"
             time.sleep(0.1)
+
+    @staticmethod
+    def answers(sock: Path) -> bool:
+        """The API serves (the routes are reconciled before it starts listening)."""
+        try:
+            return AgentClient(sock).request("GET", "/healthz")[0] == 200
+        except OSError:
+            return False
 
     def reconciles(self) -> int:
         return self.log.read_text().count("routes reconciled") if self.log.exists() else 0
@@ -171,7 +180,7 @@ def test_health_set_through_the_cli_and_metrics(agent):
     a.cli("health", "set", "c", "up")
     r = a.cli("health", "set", "nobody", "down", ok=False)
     assert error_of(r) == "error: no nexthop uses peer 'nobody'"
-    ping(names["a"], overlay_addr("b"))
+    ping(names["a"], overlay_addr("b"), timeout=5)
     text = a.metrics()
     assert (
         f'sluice_tunnel_nexthop_packets_total{{protocol="vxlan",underlay="{UNDERLAY[("b", 4)]}",vni="100"}}'
@@ -200,14 +209,15 @@ def test_trace_shows_the_matched_route_and_choice(agent):
     a, names = agent
     tracer = subprocess.Popen(
         [*SLUICE, "--netns", a.ns, "-c", str(a.config), "tunnel", "trace", "--filter", f"host {overlay_addr('b')}",
-         "--count", "1", "--timeout", "20", "--json"],
+         "--count", "1", "--timeout", "60", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        for _ in range(100):  # until the tracer has switched tracing on and sees our ping
+        deadline = time.monotonic() + 60  # the tracer starts slowly on a loaded host
+        while time.monotonic() < deadline:  # until it has switched tracing on and sees our ping
             if tracer.poll() is not None:
                 break
-            ping(names["a"], overlay_addr("b"))
+            ping(names["a"], overlay_addr("b"), timeout=5)
             time.sleep(0.1)
         out, err = tracer.communicate(timeout=30)
     finally:
@@ -222,12 +232,12 @@ def test_trace_shows_the_matched_route_and_choice(agent):
 def test_restart_rewrites_nothing_and_the_datapath_outlives_the_agent(agent):
     a, names = agent
     a.stop()
-    ping(names["a"], overlay_addr("b"))  # no agent: the pinned program and device still tunnel
+    ping(names["a"], overlay_addr("b"), timeout=5)  # no agent: the pinned program and device still tunnel
     assert "sluice-vxlan" in a.cli("devices").stdout
     a.start()
     last = json.loads([ln for ln in a.log.read_text().splitlines() if "routes reconciled" in ln][-1])
     assert (last["added"], last["changed"], last["removed"], last["unchanged"]) == (0, 0, 0, 5)
-    ping(names["a"], overlay_addr("b"))
+    ping(names["a"], overlay_addr("b"), timeout=5)
 
 
 def api(a: Agent, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
@@ -246,6 +256,7 @@ def api(a: Agent, method: str, path: str, body: bytes | None = None) -> tuple[in
         ),
         ("DELETE", "/routes?dst=nonsense", None),
         ("POST", "/health", b'{"peer": "b", "state": "sideways"}'),
+        ("POST", "/health", b'["b", "down"]'),
         ("GET", "/lookup?addr=10.1", None),
     ],
 )

@@ -29,6 +29,8 @@ def test_defaults_validate():
     "section, fragment",
     [
         ({"sampling": 0}, "sampling"),
+        ({"sampling": 1 << 32}, "sampling"),  # a u32 in the map: it must not wrap to 0 (capture nothing)
+        ({"filters": [{"sampling": 1 << 32}]}, "sampling"),
         ({"max_flows": 3}, "max_flows"),
         ({"bogus": 1}, "bogus"),
         ({"filters": [{"cidr": "10.0.0.0/33"}]}, "not a CIDR"),
