@@ -224,6 +224,8 @@ def host_list(host_netns, all_netns, as_json):
     from sluice.plugins.conntrack.host import dump_namespaces, named_netns
 
     others = [n for n in named_netns() if n != host_netns] if all_netns else []
+    if host_netns and host_netns not in named_netns():  # dump_namespaces skips vanished ones
+        raise click.ClickException(f"network namespace {host_netns!r} not found")
     with _errors():
         out = dump_namespaces([host_netns, *others])
     if as_json:

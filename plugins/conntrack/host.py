@@ -381,7 +381,9 @@ class HostConntrack:
 
         kw = {"nfgen_family": family}
         if self.netns:
-            kw["netns"] = self.netns
+            if not os.path.exists(f"/run/netns/{self.netns}"):
+                raise FileNotFoundError(errno.ENOENT, f"network namespace {self.netns!r} not found")
+            kw["netns"], kw["flags"] = self.netns, 0  # pyroute2 creates a missing one by default
         return Conntrack(**kw)
 
     @contextlib.contextmanager

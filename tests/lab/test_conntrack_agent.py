@@ -82,7 +82,7 @@ def test_agent_runs_conntrack_on_the_gateway(lab, bpffs, tmp_path):
             s.bind((lab.addr("client"), 40053))
             s.sendto(b"\0" * 12, (lab.addr("gw-ingress"), 5353))
         flow = urllib.parse.quote(f"udp {lab.addr('client')}:40053 {lab.addr('gw-ingress')}:5353")
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 15
         while (answer := agent.get(f"/v1/conntrack/nat?flow={flow}"))[
             0
         ] != 200 and time.monotonic() < deadline:

@@ -70,6 +70,12 @@ def test_bad_input_is_one_line(filled, tmp_path):
     ):
         result = run(*args, ok=False)
         assert result.output.strip().count("\n") == 0 and "Error" in result.output, result.output
+    missing = f"sluicect-missing-{tmp_path.name[-8:]}"
+    for args in (("host", "list"), ("host", "get"), ("nat",)):  # not created on the way
+        flow = ("udp 10.0.0.1:1 10.0.0.2:2",) if args != ("host", "list") else ()
+        result = run(*args, "--netns", missing, *flow, ok=False)
+        assert f"network namespace {missing!r} not found" in result.output, result.output
+        assert not Path(f"/run/netns/{missing}").exists()
 
 
 def test_host_commands_without_cap_net_admin_say_so(filled):
@@ -111,9 +117,14 @@ def test_host_events_print_new_connections(filled):
         target=lambda: result.update(out=run("host", "events", "--netns", pair.b, "--seconds", "2", "--json"))
     )
     listener.start()
-    time.sleep(0.5)  # let it subscribe
-    sport, dport = udp_flow(pair)
+    # New flows until it has listened its 2 s: when it subscribes (slow under load) is not known,
+    # and the flows sent before that are simply not reported.
+    flows, deadline = set(), time.monotonic() + 60
+    while listener.is_alive() and time.monotonic() < deadline:
+        flows.add(udp_flow(pair))
+        time.sleep(0.1)
     listener.join(timeout=10)
+    assert not listener.is_alive() and "out" in result
     events = [json.loads(ln) for ln in result["out"].output.splitlines() if ln.startswith("{")]
-    mine = [e for e in events if e["orig"]["sport"] == sport and e["orig"]["dport"] == dport]
+    mine = [e for e in events if (e["orig"]["sport"], e["orig"]["dport"]) in flows]
     assert mine and mine[0]["event"] == "new" and mine[0]["orig"]["src"] == pair.addr("a")

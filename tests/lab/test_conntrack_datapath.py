@@ -44,6 +44,16 @@ def one(pin_dir, proto, **match):
     return found[0]
 
 
+def one_when(ready, pin_dir, proto, timeout=5.0, **match):
+    """``one(...)`` once ``ready`` holds for it: the reply path may run later under load."""
+    deadline = time.monotonic() + timeout
+    while True:
+        c = one(pin_dir, proto, **match)
+        if ready(c) or time.monotonic() > deadline:
+            return c
+        time.sleep(0.02)
+
+
 def poll_reports(bpf):
     bpf.ring_buffer_poll(100)
 
@@ -70,15 +80,13 @@ def test_tcp_full_life_fin(ct_lab):
 
     cli.shutdown(socket.SHUT_WR)  # FIN from the client: its side closes, the entry lives on
     assert peer.recv(10) == b""
-    time.sleep(0.05)
-    c = one(pin, 6, sport=sport, dport=port)
+    c = one_when(lambda c: c.state() != "established", pin, 6, sport=sport, dport=port)
     assert c.state() == "closing" and c.entry.flags & 0x1 and not c.entry.flags & 0x2
     peer.close()  # FIN from the server: both closing, the close timeout applies
     cli.recv(10)
     cli.close()
     srv.close()
-    time.sleep(0.05)
-    c = one(pin, 6, sport=sport, dport=port)
+    c = one_when(lambda c: c.state() == "closed", pin, 6, sport=sport, dport=port)
     assert c.state() == "closed"
     assert c.entry.tcp_flags_seen[0] & 0x01 and c.entry.tcp_flags_seen[1] & 0x01
     assert c.remaining(time.clock_gettime(time.CLOCK_MONOTONIC)) <= config.lifetimes.tcp_close
@@ -122,7 +130,9 @@ def test_tcp_midstream_packets_create_nothing(ct_lab):
     seg = struct.pack("!HHIIBBHHH", 40123, 9, 1, 1, 5 << 4, 0x10, 1024, 0, 0)
     raw.sendto(seg, (pair.addr("b"), 0))
     raw.close()
-    time.sleep(0.05)
+    deadline = time.monotonic() + 5
+    while read_stats(pin)["midstream"] < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert conns(pin, 6, sport=40123, dport=9) == []
     assert read_stats(pin)["midstream"] >= before + 1
 
@@ -154,8 +164,7 @@ def test_udp_v4_and_v6_counters_and_icmp_error_related(ct_lab):
 
         # The server port is closed now: b answers ICMP port unreachable, related to this flow.
         cli.sendto(b"late", (pair.addr("b", family), port))
-        time.sleep(0.1)
-        c = one(pin, 17, sport=sport, dport=port)
+        c = one_when(lambda c: c.entry.related, pin, 17, sport=sport, dport=port)
         assert c.entry.related == 1 and c.state() == "related"
         cli.close()
     poll_reports(bpf)

@@ -156,7 +156,9 @@ def test_partial_lab_is_rebuilt(damage):
         old = service_pids(built)
         if damage == "kill-nats":
             os.kill(Lab.status(built.spec.prefix)["processes"]["nats"]["pid"], signal.SIGKILL)
-            time.sleep(0.1)
+            deadline = time.monotonic() + 10  # it dies once scheduled: not at once under load
+            while Lab.status(built.spec.prefix)["healthy"] and time.monotonic() < deadline:
+                time.sleep(0.05)
         elif damage == "delete-peer-ns":
             subprocess.run(["ip", "netns", "delete", built.ns("peer")], check=True)
         else:
