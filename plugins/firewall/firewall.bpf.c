@@ -260,13 +260,17 @@ static __always_inline int fw_is_client(u32 gen, const u8 addr[16])
     return fw_src_lookup(gen, &k) != NULL;
 }
 
-/* ICMPv6 neighbour discovery and MLD: the link needs them whatever the policy says. */
+/* ICMPv6 neighbour discovery and MLD: the link needs them whatever the policy says. Only as the
+ * RFCs send them, which never crosses a router: ND with hop limit 255 (RFC 4861), MLD with hop
+ * limit 1 (RFC 2710, 3810). Anything else of these types from a denied client is policy's. */
 static __always_inline int fw_is_link_control(const struct sluice_pkt *pkt)
 {
     if (pkt->flow.proto != IPPROTO_ICMPV6)
         return 0;
     u16 t = pkt->flow.sport;
-    return (t >= 130 && t <= 137) || t == 143;
+    if (t >= 133 && t <= 137)
+        return pkt->ttl == 255;
+    return (t >= 130 && t <= 132 || t == 143) && pkt->ttl == 1;
 }
 
 /* ICMP echo: key the session by identifier so that the reply (another type) finds it. */

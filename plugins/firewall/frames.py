@@ -34,14 +34,15 @@ def packet(
     flags: str = "S",
     payload: bytes = b"",
     vlans: tuple[int, ...] = (),
+    ttl: int = 64,
 ) -> bytes:
-    """One frame from ``src`` to ``dst`` (IPv4 or IPv6 by the addresses)."""
+    """One frame from ``src`` to ``dst`` (IPv4 or IPv6 by the addresses); ``ttl``: TTL or hop limit."""
     s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
     body = l4(proto, sport, dport, flags, payload)
     if s.version == 4:
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 1, 0, 64, proto, 0, s.packed, d.packed)
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 1, 0, ttl, proto, 0, s.packed, d.packed)
         return eth(0x0800, vlans) + ip + body
-    ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(body), proto, 64, s.packed, d.packed)
+    ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(body), proto, ttl, s.packed, d.packed)
     return eth(0x86DD, vlans) + ip6 + body
 
 
