@@ -1,6 +1,7 @@
 """The real agent in the lab's gateway: readiness, failure isolation, reload, restarts under traffic,
 and cleanup. The datapath must keep enforcing while the agent is stopped or dead."""
 
+import json
 import signal
 import socket
 import subprocess
@@ -239,3 +240,37 @@ def test_reload_applies_new_programs_and_removes_plugins(agent, lab):
     assert gw_filters(lab) == []
     status, body = agent.get("/readyz")
     assert status == 200 and body["plugins"] == {}
+
+
+def test_cli_tour_while_the_agent_runs(agent, lab, plugin_path, bpffs):
+    agent.start()
+    hooks = run_cli(lab, plugin_path, agent.config, "hooks", "--json")
+    assert hooks.returncode == 0, hooks.stderr
+    chain = [
+        (h["iface"], h["order"], h["owner"]) for h in json.loads(hooks.stdout) if h["owner"] == "chainprobe"
+    ]
+    assert chain == [("ingress0", 100, "chainprobe"), ("ingress0", 300, "chainprobe")]
+
+    maps = json.loads(run_cli(lab, plugin_path, agent.config, "maps", "list", "--json").stdout)
+    seen = next(m for m in maps if m["plugin"] == "chainprobe" and m["map"] == "probe_seen")
+    assert (seen["type"], seen["key_size"], seen["value_size"], seen["max_entries"]) == ("array", 4, 8, 16)
+    dump = json.loads(
+        run_cli(lab, plugin_path, agent.config, "maps", "dump", "chainprobe/probe_drop_port", "--json").stdout
+    )
+    assert dump == [{"key": "00000000", "value": (9).to_bytes(4, "little").hex()}]
+
+    env = {"PYTHONPATH": str(plugin_path), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    argv = [sys.executable, "-m", "sluice", "--netns", lab.ns("gw"), "-c", str(agent.config),
+            "trace", "--filter", "proto udp port 9", "--count", "4", "--timeout", "20", "--json"]  # fmt: skip
+    tracer = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 20
+    while tracer.poll() is None and time.monotonic() < deadline:
+        udp_reaches_server(lab, 9)  # until the tracer has switched tracing on and seen one packet
+    out, err = tracer.communicate(timeout=30)
+    events = [json.loads(line) for line in out.splitlines()]
+    per_packet = {}
+    for e in events:  # tracing may switch on between the two programs of one packet: group
+        per_packet.setdefault(e["pkt"], []).append((e["fn"], e["verdict"], e["reason"]))
+    assert [("probe_count", "next", "counted"), ("probe_drop", "drop", "udp-port")] in per_packet.values(), (
+        err
+    )
