@@ -30,7 +30,8 @@ struct sluice_trace_cfg {
 
 struct sluice_trace_event {
     __u64 ts_ns;
-    __u64 pkt; /* the skb's address: groups one packet's events across the chain */
+    __u64 pkt; /* the skb's address: one packet's events across the chain are consecutive with the
+                  same id (ids are reused by later packets) */
     __u32 ifindex;
     __u32 len;
     __s32 verdict;
