@@ -1,4 +1,6 @@
 VENV ?= .venv
+# the tests drive ip, tc, nft, tcpdump, nfcapd … from the sbin directories, whatever PATH CI has
+export PATH := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$(PATH)
 PY := $(VENV)/bin/python
 SLUICE := $(VENV)/bin/sluice
 
