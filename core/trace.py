@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sluice.bpf import libbpf
+from sluice.bpf.ringbuf import PinnedRingBuffer
 
 PROTOS = {
     "tcp": socket.IPPROTO_TCP,
@@ -155,33 +156,27 @@ class Event:
 
 
 class TraceSession:
-    """Switch tracing on with a filter, yield events, switch it off on close."""
+    """Switch tracing on with a filter, yield events, switch it off on close.
+
+    While the session polls it renews the switch's lease; ``events`` is the ring buffer itself
+    (polling it does not renew).
+    """
 
     def __init__(self, bpffs: Path, ifindex: int = 0, **filt):
         core = bpffs / "sluice" / "core"
         if not (core / "sluice_trace_cfg").exists():
             raise FileNotFoundError(f"no trace maps under {core}: is a sluice program loaded?")
         self.cfg_fd = libbpf.obj_get(core / "sluice_trace_cfg")
-        self.rb_fd = libbpf.obj_get(core / "sluice_trace_events")
-        cfg = TraceCfg(enabled=1, ifindex=ifindex, port=filt.get("port", 0), proto=filt.get("proto", 0))
+        try:
+            self.events = PinnedRingBuffer(core / "sluice_trace_events", TraceEvent, Event.from_raw)
+        except OSError:
+            os.close(self.cfg_fd)
+            raise
+        self.cfg = TraceCfg(enabled=1, ifindex=ifindex, port=filt.get("port", 0), proto=filt.get("proto", 0))
         if "addr" in filt:
-            cfg.addr[:] = list(filt["addr"])
-            cfg.has_addr = 1
-        self._events: list[Event] = []
-        from bcc.libbcc import _RINGBUF_CB_TYPE, lib
-
-        def on_event(_ctx, data, size):
-            if size >= ct.sizeof(TraceEvent):
-                self._events.append(Event.from_raw(ct.cast(data, ct.POINTER(TraceEvent)).contents))
-            return 0
-
-        self.cfg = cfg
-        self._cb = _RINGBUF_CB_TYPE(on_event)
-        self._lib = lib
-        self._rb = lib.bpf_new_ringbuf(self.rb_fd, self._cb, None)
-        if not self._rb:
-            raise OSError("cannot open the trace ring buffer")
-        self._set(cfg)
+            self.cfg.addr[:] = list(filt["addr"])
+            self.cfg.has_addr = 1
+        self._set(self.cfg)
 
     def _set(self, cfg: TraceCfg) -> None:
         if cfg.enabled:
@@ -192,9 +187,7 @@ class TraceSession:
     def poll(self, timeout_ms: int = 200) -> list[Event]:
         if time.monotonic_ns() - self._renewed > LEASE_NS // 4:
             self._set(self.cfg)  # renew the lease while we are alive to read
-        self._lib.bpf_poll_ringbuf(self._rb, timeout_ms)
-        out, self._events = self._events, []
-        return out
+        return self.events.poll(timeout_ms)
 
     def follow(
         self, stop: Callable[[], bool] = lambda: False, timeout_s: float | None = None
@@ -206,9 +199,8 @@ class TraceSession:
     def close(self) -> None:
         if self.cfg_fd >= 0:
             self._set(TraceCfg(enabled=0))
-            self._lib.bpf_free_ringbuf(self._rb)
+            self.events.close()
             os.close(self.cfg_fd)
-            os.close(self.rb_fd)
             self.cfg_fd = -1
 
     def __enter__(self) -> TraceSession:

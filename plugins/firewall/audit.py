@@ -8,14 +8,9 @@ consumes the ring: the agent (to structlog) or ``sluice fw audit --follow`` when
 
 from __future__ import annotations
 
-import ctypes as ct
-import os
-import threading
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from sluice.bpf import libbpf
+from sluice.bpf.ringbuf import PinnedRingBuffer
 
 from .maps import PROTO_NAMES, REASONS, AuditEvent, addr_text
 
@@ -39,54 +34,11 @@ def event_dict(ev: AuditEvent) -> dict:
     }
 
 
-class AuditReader:
+class AuditReader(PinnedRingBuffer):
     """Consume ``<pin_dir>/fw_audit``; :meth:`poll` returns the decoded events that arrived."""
 
     def __init__(self, pin_dir: Path):
         path = pin_dir / "fw_audit"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: is the firewall plugin loaded?")
-        from bcc.libbcc import _RINGBUF_CB_TYPE, lib
-
-        self._fd = libbpf.obj_get(path)
-        self._events: list[dict] = []
-        self._lock = threading.Lock()  # close() waits for a poll running in another thread
-
-        def on_event(_ctx, data, size):
-            if size >= ct.sizeof(AuditEvent):
-                self._events.append(event_dict(ct.cast(data, ct.POINTER(AuditEvent)).contents))
-            return 0
-
-        self._cb = _RINGBUF_CB_TYPE(on_event)  # referenced: libbcc keeps only the pointer
-        self._lib = lib
-        self._rb = lib.bpf_new_ringbuf(self._fd, self._cb, None)
-        if not self._rb:
-            os.close(self._fd)
-            raise OSError(f"cannot open the ring buffer {path}")
-
-    def poll(self, timeout_ms: int = 200) -> list[dict]:
-        with self._lock:
-            if self._fd >= 0:
-                self._lib.bpf_poll_ringbuf(self._rb, timeout_ms)
-            out, self._events = self._events, []
-        return out
-
-    def follow(
-        self, stop: Callable[[], bool] = lambda: False, timeout_s: float | None = None
-    ) -> Iterator[dict]:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while not stop() and (deadline is None or time.monotonic() < deadline):
-            yield from self.poll()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fd >= 0:
-                self._lib.bpf_free_ringbuf(self._rb)
-                os.close(self._fd)
-                self._fd = -1
-
-    def __enter__(self) -> AuditReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        super().__init__(path, AuditEvent, event_dict)
