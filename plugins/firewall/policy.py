@@ -45,6 +45,21 @@ def parse_cidr(text: str) -> Net:
         raise ValueError(f"{text!r} is not an IP address or CIDR") from None
 
 
+V4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def v4_mapped_error(text: str) -> str | None:
+    """Why ``text`` cannot be a policy CIDR, when it is an IPv4-mapped IPv6 range (inside
+    ::ffff:0:0/96). The datapath keys IPv4 as ::ffff:a.b.c.d in its 128-bit tries, so such a
+    "IPv6" rule would apply to IPv4 traffic; nftables never matches IPv4 by an ip6 rule. Refused
+    rather than translated: the rule's author meant one family, and we cannot tell which."""
+    net = parse_cidr(text)
+    if net.version == 6 and net.subnet_of(V4_MAPPED):
+        v4 = ipaddress.ip_network((int(net.network_address) & 0xFFFFFFFF, max(net.prefixlen - 96, 0)))
+        return f"{text} is an IPv4-mapped IPv6 range (inside ::ffff:0:0/96): write it as IPv4 ({v4})"
+    return None
+
+
 def mapped(net: Net) -> tuple[int, bytes]:
     """(prefixlen over 128 bits, 16-byte address): IPv4 as ::ffff:a.b.c.d, prefix + 96."""
     if net.version == 4:
@@ -137,6 +152,13 @@ class Rule(pydantic.BaseModel):
         return f"{self.action} {self.proto} {what}{ports}"
 
 
+def _refuse_v4_mapped(texts: list[str], what: str) -> None:
+    for i, text in enumerate(texts, 1):
+        why = v4_mapped_error(text)
+        if why:
+            raise ValueError(f"{what.format(i=i)}: {why}")
+
+
 class Network(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
@@ -150,7 +172,15 @@ class Network(pydantic.BaseModel):
     def _sources(cls, v):
         for s in v:
             parse_cidr(s)
+        _refuse_v4_mapped(v, "source {i}")
         return v
+
+    @pydantic.model_validator(mode="after")
+    def _families_apart(self):
+        for i, rule in enumerate(self.rules, 1):
+            if rule.dst is not None and (why := v4_mapped_error(rule.dst)):
+                raise ValueError(f"network {self.name}, rule {i} ({rule.describe()}): {why}")
+        return self
 
 
 class Policy(pydantic.BaseModel):
@@ -166,6 +196,7 @@ class Policy(pydantic.BaseModel):
     def _mgmt(cls, v):
         for s in v:
             parse_cidr(s)
+        _refuse_v4_mapped(v, "management entry {i}")
         return v
 
     @pydantic.model_validator(mode="after")

@@ -192,6 +192,11 @@ class Firewall:
         if found is None:
             return
         net_id, network = found
+        # An AAAA record of ::ffff:a.b.c.d would be keyed like the IPv4 address a.b.c.d: an
+        # IPv6 answer never opens IPv4 (and no IPv6 packet with such an address passes anyway).
+        addrs = {a: t for a, t in addrs.items() if not getattr(ipaddress.ip_address(a), "ipv4_mapped", None)}
+        if not addrs:
+            return
         d, now = self.cfg.dns, now_ns()
         entry = self.learned.setdefault((network.name, qname), {})
         for addr, ttl in addrs.items():

@@ -240,3 +240,34 @@ def test_ttls_capped_for_the_client():
     msg = struct.pack("!HHHHHH", 7, 0x8180, 1, len(answers), 0, 0) + q + b"".join(answers)
     capped = dnswire.parse(dnswire.cap_ttls(msg, dnswire.parse(msg), 60))
     assert [r.ttl for r in capped.answers] == [30, 60]
+
+
+# ---- IPv4-mapped IPv6 ranges: the datapath keys IPv4 that way, so they are refused ----
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"rules": [{"action": "deny", "proto": "tcp", "dst": "::ffff:10.82.16.0/116"}]},
+        {"rules": [{"action": "allow", "dst": "::ffff:0:0/96"}]},
+        {"rules": [{"action": "allow", "dst": "::ffff:10.1.2.3"}]},
+        {"sources": ["::ffff:10.82.0.0/112"]},
+    ],
+)
+def test_v4_mapped_cidrs_refused_naming_the_rule(where):
+    network = {"name": "clients", "sources": ["10.82.0.0/16"], **where}
+    with pytest.raises(pydantic.ValidationError, match="IPv4-mapped IPv6 range") as err:
+        Policy.model_validate({"networks": [network]})
+    assert "write it as IPv4" in str(err.value)
+    if "rules" in where:
+        assert "network clients, rule 1" in str(err.value)
+
+
+def test_v4_mapped_management_refused():
+    with pytest.raises(pydantic.ValidationError, match="management entry 1"):
+        Policy.model_validate({"management": ["::ffff:10.9.0.0/120"]})
+
+
+@pytest.mark.parametrize("cidr", ["::/0", "::/8", "::ffff:0:0/95", "64:ff9b::/96", "::1.2.3.4"])
+def test_ipv6_ranges_around_v4_mapped_space_accepted(cidr):
+    Policy.model_validate({"networks": [{"name": "c", "sources": ["10.0.0.0/8"], "rules": [{"dst": cidr}]}]})
