@@ -32,7 +32,7 @@
 #define FW_RULE_SLOTS 16
 #define FW_DNS_SLOTS 4
 #define FW_NSETTINGS 32
-#define FW_NCOUNTERS 16
+#define FW_NCOUNTERS 24
 
 /* ---- settings (fw_settings index; names live in settings.py) ---- */
 #define S_AUDIT_MODE 0
@@ -66,6 +66,8 @@
 #define C_AUDIT_RATE_LIMITED 12
 #define C_BLOCKED_UNMATCHED 13
 #define C_NAT_EXHAUSTED 15
+#define C_FRAGMENT_FOLLOWED 16 /* a non-first fragment passed: its first fragment did */
+#define C_BLOCKED_FRAGMENT 17  /* a non-first fragment whose first fragment never passed */
 
 /* ---- reasons (audit events, session rule provenance) ---- */
 #define R_RULE 1
@@ -76,6 +78,7 @@
 #define R_NO_SYN 6
 #define R_SESSION_FULL 7
 #define R_UNMATCHED 8
+#define R_FRAGMENT 9 /* a non-first fragment without an allowed first fragment */
 
 #define ACT_ALLOW 0
 #define ACT_DENY 1
@@ -464,7 +467,7 @@ static __always_inline void fw_decide(u32 gen, const struct sluice_pkt *pkt, str
         return;
     }
     u8 proto = pkt->flow.proto == IPPROTO_ICMPV6 ? PROTO_ICMP_ANY : pkt->flow.proto;
-    u16 dport = pkt->flow.dport; /* a later fragment has none: only port-less rules match it */
+    u16 dport = pkt->flow.dport; /* later fragments never get here: they follow their first */
     u32 order = 0xffffffff;
     u8 action = ACT_DENY;
 
@@ -526,8 +529,97 @@ static __always_inline int fw_malformed(struct __sk_buff *skb, struct sluice_pkt
     return sluice_verdict(skb, pkt, SLUICE_DROP, "malformed");
 }
 
+/* ---- fragments ----
+ *
+ * A non-first fragment carries no L4 header: its ports are unknown and its next-header is whatever
+ * the sender wrote, so it is never judged by itself. It follows the verdict of its first fragment:
+ * a first fragment that passes (and, through the shared parser, it carries its whole L4 header or
+ * it is MALFORMED) records (addresses, protocol, fragment id) here; a later fragment passes only
+ * when its datagram has a record. The kernel reassembles at the receiver, so what arrives there is
+ * a datagram whose ports this program saw and allowed. Overlaps cannot change them: a later
+ * fragment starts at offset >= 8, past any port field.
+ */
+#define FW_FRAG_TIMEOUT_NS (60ULL * 1000000000ULL) /* IPv6's reassembly timeout; IPv4 uses 30 s */
+#ifndef FW_MAX_FRAGS
+#define FW_MAX_FRAGS 8192
+#endif
+
+struct fw_frag_key {
+    u8 saddr[16];
+    u8 daddr[16];
+    u32 id; /* IPv4 identification or the IPv6 fragment header's identification */
+    u8 proto;
+    u8 pad[3];
+};
+
+/* LRU: a flood of first fragments evicts old records instead of failing to record new ones. */
+SLUICE_MAP("lru_hash", struct fw_frag_key, u64, fw_frags, FW_MAX_FRAGS);
+
+static __always_inline void fw_frag_key_of(const struct sluice_pkt *pkt, struct fw_frag_key *k)
+{
+    __builtin_memset(k, 0, sizeof(*k));
+    __builtin_memcpy(k->saddr, pkt->flow.saddr, 16);
+    __builtin_memcpy(k->daddr, pkt->flow.daddr, 16);
+    k->id = pkt->frag_id;
+    k->proto = pkt->flow.proto;
+}
+
+/* Called on every packet that passes: records a first fragment (the only fragment with ports). */
+static __always_inline void fw_frag_passed(const struct sluice_pkt *pkt)
+{
+    if ((pkt->flow.flags & (SLUICE_F_FRAGMENT | SLUICE_F_LATER_FRAG)) != SLUICE_F_FRAGMENT)
+        return;
+    struct fw_frag_key k;
+    fw_frag_key_of(pkt, &k);
+    u64 now = bpf_ktime_get_ns();
+    fw_frags.update(&k, &now);
+}
+
+/* A non-first fragment: does its datagram's first fragment pass (recently)? */
+static __always_inline int fw_frag_follows(const struct sluice_pkt *pkt)
+{
+    struct fw_frag_key k;
+    fw_frag_key_of(pkt, &k);
+    u64 *seen = fw_frags.lookup(&k);
+    if (!seen)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    if (now - *seen > FW_FRAG_TIMEOUT_NS)
+        return 0;
+    *seen = now; /* the reassembly timer of the receiver restarts with each fragment, too */
+    return 1;
+}
+
+/* A pass that may be a first fragment: every SLUICE_NEXT of fw_ingress/fw_egress goes through it. */
+#define fw_pass(skb, pkt, reason) ({ fw_frag_passed(pkt); sluice_verdict(skb, pkt, SLUICE_NEXT, reason); })
+#define fw_pass_detail(skb, pkt, reason, d0, d1, d2, d3)                                                   \
+    ({                                                                                                     \
+        fw_frag_passed(pkt);                                                                               \
+        sluice_verdict_detail(skb, pkt, SLUICE_NEXT, reason, d0, d1, d2, d3);                              \
+    })
+
+/* A non-first fragment whose first fragment never passed: dropped (audit mode passes and reports). */
+static __always_inline int fw_orphan_fragment(struct __sk_buff *skb, struct sluice_pkt *pkt, u8 direction)
+{
+    fw_report(skb, pkt, 0, 0, ACT_DENY, R_FRAGMENT, direction);
+    if (fw_setting(S_AUDIT_MODE)) {
+        fw_count(C_AUDIT_WOULD_BLOCK);
+        return sluice_verdict(skb, pkt, SLUICE_NEXT, "audit-fragment");
+    }
+    fw_count(C_BLOCKED_FRAGMENT);
+    return sluice_verdict(skb, pkt, SLUICE_DROP, "orphan-fragment");
+}
+
+/* An IPv6 header naming a v4-mapped address (::ffff:a.b.c.d): the tries key IPv4 that way, so it
+ * would be judged by IPv4 rules. No such packet is legitimate on the wire (RFC 4291 2.5.5.2). */
+static __always_inline int fw_mixed_family(const struct sluice_pkt *pkt)
+{
+    return pkt->flow.family == 6 && (sluice_is_v4_mapped(pkt->flow.saddr) || sluice_is_v4_mapped(pkt->flow.daddr));
+}
+
 /* The new session is built in a per-CPU scratch slot: fw_geneve's stack is close to 512 bytes. */
 BPF_PERCPU_ARRAY(fw_session_scratch, struct fw_session, 1);
+BPF_PERCPU_ARRAY(fw_inner_scratch, struct sluice_pkt, 1); /* fw_geneve's inner packet */
 
 static __always_inline int fw_new_session(struct fw_session_key *k, struct __sk_buff *skb,
                                           const struct sluice_pkt *pkt, struct fw_decision *d, u8 flags, u64 now)
@@ -560,6 +652,15 @@ int fw_ingress(struct __sk_buff *skb)
         return sluice_verdict(skb, &pkt, SLUICE_NEXT, "not-ip");
     if (parsed != SLUICE_PARSE_OK)
         return fw_malformed(skb, &pkt, 0);
+    if (fw_mixed_family(&pkt))
+        return fw_malformed(skb, &pkt, 0);
+    if (pkt.flow.flags & SLUICE_F_LATER_FRAG) {
+        if (fw_frag_follows(&pkt)) {
+            fw_count(C_FRAGMENT_FOLLOWED);
+            return sluice_verdict(skb, &pkt, SLUICE_NEXT, "fragment");
+        }
+        return fw_orphan_fragment(skb, &pkt, 0);
+    }
     if (fw_is_link_control(&pkt))
         return sluice_verdict(skb, &pkt, SLUICE_NEXT, "link-control");
     /* The session first: an established packet costs one hash lookup. */
@@ -571,14 +672,14 @@ int fw_ingress(struct __sk_buff *skb)
     if (s && fw_session_live(s, pkt.flow.proto, now) && !(syn_only && s->tcp_state == TCP_CLOSED)) {
         fw_session_touch(s, skb, &pkt, 0, now);
         fw_count(C_ALLOWED_ESTABLISHED);
-        return sluice_verdict(skb, &pkt, SLUICE_NEXT, "established");
+        return fw_pass(skb, &pkt, "established");
     }
 
     struct fw_decision d = {};
     fw_decide(fw_generation(), &pkt, &d, now);
     if (d.action == ACT_BYPASS) {
         fw_count(C_BYPASS);
-        return sluice_verdict(skb, &pkt, SLUICE_NEXT, "management");
+        return fw_pass(skb, &pkt, "management");
     }
     fw_require_syn(&pkt, &d);
     int monitor = fw_setting(S_MONITOR);
@@ -591,14 +692,14 @@ int fw_ingress(struct __sk_buff *skb)
         fw_count(C_ALLOWED_NEW);
         if (monitor)
             fw_report(skb, &pkt, d.net_id, d.order, ACT_ALLOW, d.reason, 0);
-        return sluice_verdict_detail(skb, &pkt, SLUICE_NEXT, "allow", d.net_id, d.order, d.reason, 0);
+        return fw_pass_detail(skb, &pkt, "allow", d.net_id, d.order, d.reason, 0);
     }
 
     fw_report(skb, &pkt, d.net_id, d.order, ACT_DENY, d.reason, 0);
     if (fw_setting(S_AUDIT_MODE)) {
         fw_count(C_AUDIT_WOULD_BLOCK);
         fw_new_session(&k, skb, &pkt, &d, FW_SF_AUDIT, now); /* so its replies pass too */
-        return sluice_verdict_detail(skb, &pkt, SLUICE_NEXT, "audit-would-block", d.net_id, d.order, d.reason, 0);
+        return fw_pass_detail(skb, &pkt, "audit-would-block", d.net_id, d.order, d.reason, 0);
     }
     if (d.reason == R_NO_SYN)
         fw_count(C_BLOCKED_NO_SYN);
@@ -664,6 +765,17 @@ int fw_egress(struct __sk_buff *skb)
         return sluice_verdict(skb, &pkt, SLUICE_NEXT, "not-ip");
     if (parsed != SLUICE_PARSE_OK)
         return fw_malformed(skb, &pkt, 1);
+    if (fw_mixed_family(&pkt))
+        return fw_malformed(skb, &pkt, 1);
+    if (pkt.flow.flags & SLUICE_F_LATER_FRAG) {
+        if (fw_frag_follows(&pkt)) {
+            fw_count(C_FRAGMENT_FOLLOWED);
+            return sluice_verdict(skb, &pkt, SLUICE_NEXT, "fragment");
+        }
+        if (!fw_setting(S_DROP_UNSOLICITED))
+            return sluice_verdict(skb, &pkt, SLUICE_NEXT, "unsolicited-passed");
+        return fw_orphan_fragment(skb, &pkt, 1);
+    }
     if (fw_is_link_control(&pkt))
         return sluice_verdict(skb, &pkt, SLUICE_NEXT, "link-control");
     u64 now = bpf_ktime_get_ns();
@@ -674,26 +786,26 @@ int fw_egress(struct __sk_buff *skb)
     if (s && fw_session_live(s, pkt.flow.proto, now)) {
         fw_session_touch(s, skb, &pkt, 1, now);
         fw_count(C_REPLIES);
-        return sluice_verdict(skb, &pkt, SLUICE_NEXT, "reply");
+        return fw_pass(skb, &pkt, "reply");
     }
     if (fw_related_key(skb, &pkt, &k)) {
         s = fw_sessions.lookup(&k);
         if (s && fw_session_live(s, k.proto, now)) {
             fw_count(C_REPLIES);
-            return sluice_verdict(skb, &pkt, SLUICE_NEXT, "related");
+            return fw_pass(skb, &pkt, "related");
         }
     }
     u32 gen = fw_generation();
     if (fw_is_bypassed(gen, pkt.flow.saddr) || fw_is_bypassed(gen, pkt.flow.daddr)) {
         fw_count(C_BYPASS);
-        return sluice_verdict(skb, &pkt, SLUICE_NEXT, "management");
+        return fw_pass(skb, &pkt, "management");
     }
     if (!fw_setting(S_DROP_UNSOLICITED))
-        return sluice_verdict(skb, &pkt, SLUICE_NEXT, "unsolicited-passed");
+        return fw_pass(skb, &pkt, "unsolicited-passed");
     fw_report(skb, &pkt, 0, 0, ACT_DENY, R_UNSOLICITED, 1);
     if (fw_setting(S_AUDIT_MODE)) {
         fw_count(C_AUDIT_WOULD_BLOCK);
-        return sluice_verdict(skb, &pkt, SLUICE_NEXT, "audit-unsolicited");
+        return fw_pass(skb, &pkt, "audit-unsolicited");
     }
     fw_count(C_BLOCKED_UNSOLICITED);
     return sluice_verdict(skb, &pkt, SLUICE_DROP, "unsolicited");
@@ -931,39 +1043,45 @@ int fw_geneve(struct __sk_buff *skb)
     if (pos != optlen)
         goto out;
 
-    struct sluice_pkt inner = {};
-    if (fw_parse_inner(skb, goff + 8 + optlen, ptype, &inner) != SLUICE_PARSE_OK)
+    u32 zero = 0;
+    struct sluice_pkt *inner = fw_inner_scratch.lookup(&zero); /* stack: fw_geneve is near 512 bytes */
+    if (!inner)
+        goto out;
+    __builtin_memset(inner, 0, sizeof(*inner));
+    /* Inner fragments fail closed: no fragment record is kept per tunnelled flow. */
+    if (fw_parse_inner(skb, goff + 8 + optlen, ptype, inner) != SLUICE_PARSE_OK ||
+        (inner->flow.flags & SLUICE_F_FRAGMENT) || fw_mixed_family(inner))
         goto out;
 
     u64 now = bpf_ktime_get_ns();
     /* Both directions of a flow come through the load balancer: the session is either way round. */
     struct fw_session_key k;
-    fw_wire_key(skb, &inner, &k);
+    fw_wire_key(skb, inner, &k);
     struct fw_session *s = fw_sessions.lookup(&k);
-    if (!s || !fw_session_live(s, inner.flow.proto, now)) {
+    if (!s || !fw_session_live(s, inner->flow.proto, now)) {
         fw_flip(&k);
         s = fw_sessions.lookup(&k);
         dir = 1;
     }
-    if (s && fw_session_live(s, inner.flow.proto, now)) {
-        fw_session_touch(s, skb, &inner, dir, now);
+    if (s && fw_session_live(s, inner->flow.proto, now)) {
+        fw_session_touch(s, skb, inner, dir, now);
         fw_count(dir ? C_REPLIES : C_ALLOWED_ESTABLISHED);
     } else {
         dir = 0;
         fw_flip(&k); /* back to the wire's direction: the sender opens the flow */
         u32 gen = fw_generation();
-        fw_decide(gen, &inner, &d, now);
+        fw_decide(gen, inner, &d, now);
         /* Both directions arrive here: a new flow from outside toward a client is unsolicited. */
         if (d.action == ACT_BYPASS) {
             d.action = ACT_ALLOW; /* management traffic is returned like any allowed flow */
         } else if (d.reason == R_UNMATCHED && fw_setting(S_DROP_UNSOLICITED) &&
-                   fw_is_client(gen, inner.flow.daddr)) {
+                   fw_is_client(gen, inner->flow.daddr)) {
             d.action = ACT_DENY;
             d.reason = R_UNSOLICITED;
         }
-        fw_require_syn(&inner, &d);
+        fw_require_syn(inner, &d);
         if (d.action != ACT_ALLOW) {
-            fw_report(skb, &inner, d.net_id, d.order, ACT_DENY, d.reason, 0);
+            fw_report(skb, inner, d.net_id, d.order, ACT_DENY, d.reason, 0);
             why = G_DENIED;
             if (!fw_setting(S_AUDIT_MODE)) {
                 fw_count(C_BLOCKED_POLICY);
@@ -971,7 +1089,7 @@ int fw_geneve(struct __sk_buff *skb)
             }
             fw_count(C_AUDIT_WOULD_BLOCK);
         }
-        if (fw_new_session(&k, skb, &inner, &d, d.action == ACT_ALLOW ? 0 : FW_SF_AUDIT, now) != 0) {
+        if (fw_new_session(&k, skb, inner, &d, d.action == ACT_ALLOW ? 0 : FW_SF_AUDIT, now) != 0) {
             fw_count(C_SESSION_FULL);
             why = G_SESSION_FULL;
             goto out;
@@ -1033,6 +1151,7 @@ static __always_inline int fw_rewrite(struct __sk_buff *skb, const struct sluice
                                       __be32 old_addr, __be32 new_addr, u32 port_off, __be16 old_port,
                                       __be16 new_port)
 {
+    sluice_packet_changed(skb); /* programs after this one parse the rewritten packet */
     u32 ip_csum = pkt->l3_off + offsetof(struct iphdr, check);
     u32 l4_csum = pkt->l4_off + fw_l4_csum_off(pkt->flow.proto);
     u64 flags = BPF_F_PSEUDO_HDR | (pkt->flow.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0);

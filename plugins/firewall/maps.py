@@ -74,6 +74,18 @@ class SessionKey(ct.Structure):
     ]
 
 
+class FragKey(ct.Structure):
+    """fw_frags: a datagram whose first fragment passed (its later fragments follow it)."""
+
+    _fields_ = [
+        ("saddr", ct.c_uint8 * 16),
+        ("daddr", ct.c_uint8 * 16),
+        ("id", ct.c_uint32),
+        ("proto", ct.c_uint8),
+        ("pad", ct.c_uint8 * 3),
+    ]
+
+
 class SessionValue(ct.Structure):
     _fields_ = [
         ("first_seen_ns", ct.c_uint64),
@@ -205,6 +217,8 @@ COUNTERS = [
     "blocked_unmatched",
     "redirected",  # GENEVE mode: returned to the load balancer
     "nat_exhausted",  # ILB mode: no free SNAT port for a new flow
+    "fragment_followed",  # a non-first fragment passed because its first fragment did
+    "blocked_fragment",  # a non-first fragment whose first fragment never passed
 ]
 REASONS = {
     1: "rule",
@@ -215,6 +229,7 @@ REASONS = {
     6: "no-syn",
     7: "session-full",
     8: "unmatched-source",
+    9: "orphan-fragment",
 }
 TCP_STATES = {0: "-", 1: "syn-sent", 2: "established", 3: "closing", 4: "closed"}
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6"}
@@ -227,6 +242,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "fw_sessions": (SessionKey, SessionValue),
     "fw_geneve_flows": (SessionKey, Tunnel),
     "fw_nat": (NatKey, SessionKey),
+    "fw_frags": (FragKey, ct.c_uint64),
     "fw_ilb": (ct.c_uint32, IlbCfg),
     "fw_src": (AddrKey, ct.c_uint32),
     "fw_bypass": (AddrKey, ct.c_uint32),

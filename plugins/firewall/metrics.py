@@ -16,6 +16,8 @@ VERDICTS = {
     "session_full": "blocked_session_full",
     "audit_would_block": "audit_passed",
     "bypass": "bypass",
+    "fragment_followed": "fragment",
+    "blocked_fragment": "blocked_fragment",
 }
 
 

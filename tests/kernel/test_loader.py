@@ -42,7 +42,7 @@ def test_compile_pins_maps_under_the_plugin_dir(bpffs):
     pins = {p.name for p in (bpffs / "sluice" / "chainprobe").iterdir()}
     assert pins == {"probe_seen", "probe_drop_port"}
     core = {p.name for p in (bpffs / "sluice" / "core").iterdir()}
-    assert core == {"sluice_trace_cfg", "sluice_trace_events"}
+    assert core == {"sluice_trace_cfg", "sluice_trace_events", "sluice_pkt_ctx"}
     bpf.cleanup()
 
 
