@@ -535,3 +535,131 @@ def possible_cpus() -> int:
         lo, _, hi = part.partition("-")
         n += int(hi or lo) - int(lo) + 1
     return n
+
+
+# --- links and multi-program attachment (TCX) ----------------------------------------------
+# libbpf 1.1 (Debian 12) predates TCX: its bpf_link_create() cannot pass the relative program
+# or link and the expected revision, and bpf_prog_query_opts() has no link ids. Those two go
+# through the bpf(2) syscall with the kernel's own attribute layout (linux/bpf.h, 6.6+).
+
+BPF_PROG_QUERY = 16
+BPF_LINK_CREATE = 28
+BPF_TCX_INGRESS = 46
+BPF_TCX_EGRESS = 47
+BPF_LINK_TYPE_TCX = 11
+# mprog flags: where a new program goes relative to ``relative_fd`` (0: the whole chain's head or tail)
+BPF_F_REPLACE = 1 << 2
+BPF_F_BEFORE = 1 << 3
+BPF_F_AFTER = 1 << 4
+BPF_F_ID = 1 << 5
+BPF_F_LINK = 1 << 13  # ``relative_fd`` names a link, not a program
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
+_libc = ct.CDLL(None, use_errno=True)
+_libc.syscall.restype = ct.c_long
+
+
+class _LinkCreateTcx(ct.Structure):
+    _fields_ = [
+        ("prog_fd", ct.c_uint32),
+        ("target_ifindex", ct.c_uint32),
+        ("attach_type", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("relative_fd", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+        ("expected_revision", ct.c_uint64),
+        ("_tail", ct.c_uint8 * 64),  # the rest of union bpf_attr: must be zero
+    ]
+
+
+class _ProgQuery(ct.Structure):
+    _fields_ = [
+        ("target_ifindex", ct.c_uint32),
+        ("attach_type", ct.c_uint32),
+        ("query_flags", ct.c_uint32),
+        ("attach_flags", ct.c_uint32),
+        ("prog_ids", ct.c_uint64),
+        ("count", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+        ("prog_attach_flags", ct.c_uint64),
+        ("link_ids", ct.c_uint64),
+        ("link_attach_flags", ct.c_uint64),
+        ("revision", ct.c_uint64),
+    ]
+
+
+class _BpfLinkInfo(ct.Structure):
+    # struct bpf_link_info: type, id, prog_id, then a union aligned to 8 (tcx: ifindex, attach_type)
+    _fields_ = [
+        ("type", ct.c_uint32),
+        ("id", ct.c_uint32),
+        ("prog_id", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+        ("ifindex", ct.c_uint32),
+        ("attach_type", ct.c_uint32),
+        ("_tail", ct.c_uint8 * 32),
+    ]
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    type: int
+    id: int
+    prog_id: int
+    ifindex: int  # TCX links: 0 once the device is gone (the link is defunct)
+    attach_type: int
+
+
+def _sys_bpf(cmd: int, attr, what: str) -> int:
+    ret = _libc.syscall(_SYS_BPF, cmd, ct.byref(attr), ct.sizeof(attr))
+    if ret < 0:
+        raise error(ct.get_errno(), "bpf", what)
+    return ret
+
+
+def link_create_tcx(
+    prog_fd: int, ifindex: int, attach_type: int, flags: int = 0, relative_fd: int = 0
+) -> int:
+    """Attach ``prog_fd`` to the TCX hook of ``ifindex``; returns the link fd (detach: unpin and close)."""
+    attr = _LinkCreateTcx(
+        prog_fd=prog_fd, target_ifindex=ifindex, attach_type=attach_type, flags=flags, relative_fd=relative_fd
+    )
+    return _sys_bpf(BPF_LINK_CREATE, attr, f"link_create tcx ifindex {ifindex}")
+
+
+def prog_query_tcx(ifindex: int, attach_type: int, capacity: int = 64) -> tuple[list[int], list[int]]:
+    """(program ids, link ids) on one TCX hook in the order packets see them (link id 0: not a link)."""
+    progs, links = (ct.c_uint32 * capacity)(), (ct.c_uint32 * capacity)()
+    attr = _ProgQuery(
+        target_ifindex=ifindex,
+        attach_type=attach_type,
+        prog_ids=ct.addressof(progs),
+        link_ids=ct.addressof(links),
+        count=capacity,
+    )
+    _sys_bpf(BPF_PROG_QUERY, attr, f"prog_query tcx ifindex {ifindex}")
+    n = min(attr.count, capacity)
+    return list(progs[:n]), list(links[:n])
+
+
+_link_update = _proto("bpf_link_update", _c_int, _c_int, _vp)
+_link_detach = _proto("bpf_link_detach", _c_int)
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    """Swap the link's program atomically: no packet sees the hook without a program."""
+    _check(_link_update(link_fd, prog_fd, None), "bpf_link_update", f"link fd {link_fd}")
+
+
+def link_detach(link_fd: int) -> None:
+    _check(_link_detach(link_fd), "bpf_link_detach", f"link fd {link_fd}")
+
+
+def link_info(fd: int) -> LinkInfo:
+    raw = _BpfLinkInfo()
+    size = ct.c_uint32(ct.sizeof(raw))
+    _check(_obj_get_info_by_fd(fd, ct.byref(raw), ct.byref(size)), "bpf_obj_get_info_by_fd", f"link fd {fd}")
+    return LinkInfo(raw.type, raw.id, raw.prog_id, raw.ifindex, raw.attach_type)
+
+
+def prog_id(fd: int) -> int:
+    return prog_info(fd).id
