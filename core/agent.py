@@ -64,6 +64,47 @@ def resolve(cfg: config.AgentConfig, manager: PluginManager) -> dict[str, object
     return sections
 
 
+def resolve_chain(cfg: config.AgentConfig, manager: PluginManager) -> dict[str, object]:
+    """resolve() and the TC chain of the whole config: what the agent checks before it attaches
+    anything (start and reload). The CLI's other commands only resolve(): a config whose chain
+    clashes can still be cleaned up."""
+    sections = resolve(cfg, manager)
+    problems = chain_problems(cfg, manager, sections)
+    if problems:
+        raise config.ConfigError(problems)
+    return sections
+
+
+def chain_problems(cfg: config.AgentConfig, manager: PluginManager, sections: dict) -> list[str]:
+    """Place every TC program the enabled plugins declare, before anything is attached: a slot
+    (interface, direction, phase, order) claimed twice, or a program that cannot be placed,
+    is a problem of the config. One line per pair of clashing plugins."""
+    problems, owners, pairs = [], {}, set()
+    for name in cfg.agent.plugins:
+        record = manager.records.get(name)
+        if record is None or record.module is None:
+            continue
+        try:
+            ctx = PluginContext(name, manager, cfg.agent, sections.get(name))
+            programs = list(manager.call(name, "sluice_programs", ctx=ctx) or [])
+        except Exception:
+            continue  # the same call fails again at start and marks the plugin failed there
+        for point in (a for p in programs for a in p.attach if isinstance(a, TC)):
+            problem = point.problem()
+            if problem:
+                problems.append(f"{cfg.source}: plugins.{name}: {point.fn}: {problem}")
+                continue
+            slot = (point.iface, point.direction, point.rank)
+            other = owners.setdefault(slot, (name, point.fn))
+            if other != (name, point.fn) and (other[0], name) not in pairs:
+                pairs.add((other[0], name))
+                problems.append(
+                    f"{cfg.source}: plugins.{name}: {point.fn} claims {point.iface} {point.direction}"
+                    f" {point.phase} order {point.order}, already claimed by {other[0]}:{other[1]}"
+                )
+    return problems
+
+
 class Agent:
     def __init__(
         self, cfg: config.AgentConfig, manager: PluginManager | None = None, config_path: Path | None = None
@@ -84,7 +125,7 @@ class Agent:
         self._busy = asyncio.Lock()  # start, reload and stop never interleave
         self._signals = 0
         self._runners = []
-        self.sections = resolve(cfg, self.manager)
+        self.sections = resolve_chain(cfg, self.manager)
         self.registry.register(_PluginStates(self))
         Gauge("sluice_core_build_info", "sluice version", ["version"], registry=self.registry).labels(
             __version__
@@ -210,7 +251,7 @@ class Agent:
         """Remove attachments a running plugin no longer declares (a failed plugin keeps its old ones)."""
         running = {n for n in self.started}
         declared = {
-            (n, a.iface, a.direction, a.order)
+            (n, a.iface, a.direction, a.rank)
             for n in running
             for a in self.manager.records[n].attach
             if isinstance(a, TC)
@@ -380,7 +421,7 @@ class Agent:
                 return
             try:
                 new = config.load(self.config_path)
-                sections = resolve(new, self.manager)
+                sections = resolve_chain(new, self.manager)
                 fixed = [
                     k
                     for k in AgentSettings.model_fields

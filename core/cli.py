@@ -275,11 +275,15 @@ def build_cli(manager: PluginManager | None = None) -> click.Group:
                 filters = tc.list_filters(ipr, iface)
             except tc.AttachError as exc:
                 raise CLIError(str(exc)) from None
+        from sluice.programs import phase_of
+
         rows = [
             {
                 "iface": f.iface,
                 "direction": f.direction,
-                "order": f.prio,
+                "phase": phase_of(f.prio)[0] if f.owned else "",
+                "order": phase_of(f.prio)[1] if f.owned else f.prio,
+                "prio": f.prio,
                 "name": f.name,
                 "owner": f.plugin or "(not sluice)",
                 "prog_id": f.prog_id,
@@ -291,8 +295,20 @@ def build_cli(manager: PluginManager | None = None) -> click.Group:
             as_json,
             lambda rows: (
                 table(
-                    [[r["iface"], r["direction"], r["order"], r["owner"], r["name"]] for r in rows],
-                    ["IFACE", "DIRECTION", "ORDER", "OWNER", "FILTER"],
+                    [
+                        [
+                            r["iface"],
+                            r["direction"],
+                            r["prio"],
+                            r["phase"] or "-",
+                            r["order"],
+                            r["owner"],
+                            r["name"],
+                            r["prog_id"],
+                        ]
+                        for r in rows
+                    ],
+                    ["IFACE", "DIRECTION", "PRIO", "PHASE", "ORDER", "OWNER", "FILTER", "PROG_ID"],
                 )
                 if rows
                 else "no programs attached"

@@ -24,6 +24,9 @@ from sluice.programs import TC, Program, Tracepoint
 
 log = slog.get()
 
+DENY = Program("deny", Path(__file__).resolve().parent / "bpf" / "deny.bpf.c")
+DENY_FN = "sluice_deny"
+
 
 @dataclass(frozen=True)
 class Attachment:
@@ -100,8 +103,44 @@ class Datapath:
         except BaseException:
             for bpf in compiled.values():  # fds, tracepoint links; attached filters keep their programs
                 bpf.cleanup()
+            self._fail_closed(plugin, programs)
             raise
         return compiled
+
+    def _fail_closed(self, plugin: str, programs: list[Program]) -> None:
+        """After ``plugin`` failed to load: its program attached before stays in each slot; a
+        slot of a fail-closed program (TC.fails_closed) that nothing of it holds gets the core's
+        deny program, recorded under the plugin, so its next start replaces it in place."""
+        held = {(a.iface, a.direction, a.prio) for a in self.attached}
+        points = [
+            p
+            for prog in programs
+            for p in prog.attach
+            if isinstance(p, TC) and p.fails_closed and (p.iface, p.direction, p.rank) not in held
+        ]
+        if not points:
+            return
+        bpf = None
+        try:
+            bpf = loader.compile_program(plugin, DENY, bpffs=self.bpffs, cflags=self.cflags)
+            with IPRoute() as ipr:
+                for point in points:
+                    deny = TC(point.iface, point.direction, DENY_FN, point.phase, point.order, "open")
+                    self._attach_tc(ipr, bpf, plugin, DENY, deny)
+                    log.error(
+                        "hook fails closed: dropping every packet until the plugin starts",
+                        plugin=plugin,
+                        fn=point.fn,
+                        iface=point.iface,
+                        direction=point.direction,
+                        phase=point.phase,
+                        order=point.order,
+                    )
+        except Exception as exc:
+            log.error("could not fail closed", plugin=plugin, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            if bpf is not None:
+                bpf.cleanup()
 
     def _attach_tracepoint(self, bpf, plugin: str, point: Tracepoint) -> None:
         """Tracepoint links live with the agent process: they observe, never enforce.
@@ -117,35 +156,29 @@ class Datapath:
         log.info("attached", plugin=plugin, fn=point.fn, tracepoint=point.tracepoint)
 
     def _attach_tc(self, ipr, bpf, plugin: str, program: Program, point: TC) -> None:
-        for other in self.attached:
-            same_slot = (other.iface, other.direction, other.prio) == (
-                point.iface,
-                point.direction,
-                point.order,
+        problem = point.problem()
+        if problem:
+            raise tc.AttachError(f"{plugin}:{point.fn}: {problem}")
+        slot = (point.iface, point.direction, point.rank)
+        previous = next((a for a in self.attached if (a.iface, a.direction, a.prio) == slot), None)
+        # a plugin replaces its own earlier program in place (its deny program, a renamed fn);
+        # the config check refuses clashes between plugins before this point
+        if previous and previous.plugin != plugin:
+            raise tc.AttachError(
+                f"{point.iface} {point.direction} {point.phase} order {point.order} is taken by"
+                f" {previous.plugin}:{previous.fn}"
             )
-            if same_slot and (other.plugin, other.fn) != (plugin, point.fn):
-                raise tc.AttachError(
-                    f"{point.iface} {point.direction} order {point.order} is taken by {other.plugin}:{other.fn}"
-                )
         fd = loader.load_tc(bpf, plugin, point.fn)
         index = tc.ifindex(ipr, point.iface)
         added = tc.ensure_clsact(ipr, index)
-        tc.attach(ipr, point.iface, point.direction, point.order, fd, tc.filter_name(plugin, point.fn))
-        previous = next(
-            (
-                a
-                for a in self.attached
-                if (a.iface, a.direction, a.prio) == (point.iface, point.direction, point.order)
-            ),
-            None,
-        )
+        tc.attach(ipr, point.iface, point.direction, point.rank, fd, tc.filter_name(plugin, point.fn))
         entry = Attachment(
             plugin,
             program.name,
             point.fn,
             point.iface,
             point.direction,
-            point.order,
+            point.rank,
             added_clsact=added or bool(previous and previous.added_clsact),
         )
         self.attached = [a for a in self.attached if a is not previous] + [entry]
@@ -156,6 +189,7 @@ class Datapath:
             fn=point.fn,
             iface=point.iface,
             direction=point.direction,
+            phase=point.phase,
             order=point.order,
         )
 

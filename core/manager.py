@@ -68,7 +68,7 @@ class PluginRecord:
 
 def _describe(a: Attach) -> str:
     if hasattr(a, "iface"):
-        return f"tc/{a.iface}/{a.direction}#{a.order}:{a.fn}"
+        return f"tc/{a.iface}/{a.direction}#{a.rank}:{a.fn}"
     return f"tracepoint/{a.tracepoint}:{a.fn}"
 
 

@@ -14,8 +14,19 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.tcmsg import sched_bpf
 
 from sluice.programs import Direction
+
+# pyroute2's cls_bpf options stop at TCA_BPF_FLAGS: without the attributes after it the kernel's
+# program id (TCA_BPF_ID) is never decoded. Appended once, at import, before any message is parsed.
+_BPF_OPTIONS = sched_bpf.options
+if not any(name == "TCA_BPF_ID" for name, _ in _BPF_OPTIONS.nla_map):
+    _BPF_OPTIONS.nla_map = tuple(_BPF_OPTIONS.nla_map) + (
+        ("TCA_BPF_FLAGS_GEN", "uint32"),
+        ("TCA_BPF_TAG", "hex"),
+        ("TCA_BPF_ID", "uint32"),
+    )
 
 NAME_PREFIX = "sluice:"
 HANDLE = 1

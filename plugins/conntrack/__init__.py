@@ -22,7 +22,6 @@ from sluice.plugins.conntrack.table import CtSettings, Tables, read_stats, set_i
 from sluice.programs import TC, Program
 
 HERE = Path(__file__).parent
-ORDER = 200
 __all__ = ["Config", "HostConfig", "collector", "configure_datapath", "program"]
 
 
@@ -30,7 +29,7 @@ def program(config: Config) -> Program:
     return Program(
         "conntrack",
         HERE / "conntrack.bpf.c",
-        [TC(iface, d, "ct_tc", ORDER) for iface in config.interfaces for d in config.directions],
+        [TC(iface, d, "ct_tc", "classify") for iface in config.interfaces for d in config.directions],
         cflags=[
             f"-DCT_TCP_MAX={config.tcp_table_size}",
             f"-DCT_ANY_MAX={config.any_table_size}",

@@ -34,15 +34,16 @@ def sluice_requirements():
 @hookimpl
 def sluice_programs(ctx):
     cfg = ctx.config
+    slot = cfg.order - 300  # the config's order is the TC priority: the enforce phase starts at 300
     attach = [
-        TC(cfg.interface, "ingress", "fw_ingress", cfg.order),
-        TC(cfg.interface, "egress", "fw_egress", cfg.order),
+        TC(cfg.interface, "ingress", "fw_ingress", "enforce", slot),
+        TC(cfg.interface, "egress", "fw_egress", "enforce", slot),
     ]
     if cfg.geneve.enabled:
-        attach.append(TC(cfg.geneve.interface, "ingress", "fw_geneve", cfg.order))
+        attach.append(TC(cfg.geneve.interface, "ingress", "fw_geneve", "enforce", slot))
     if cfg.ilb.enabled:
-        attach.append(TC(cfg.ilb.interface, "egress", "fw_ilb_out", cfg.order))
-        attach.append(TC(cfg.ilb.interface, "ingress", "fw_ilb_in", cfg.order + 1))
+        attach.append(TC(cfg.ilb.interface, "egress", "fw_ilb_out", "enforce", slot))
+        attach.append(TC(cfg.ilb.interface, "ingress", "fw_ilb_in", "enforce", slot + 1))
     return [Program("firewall", HERE / "firewall.bpf.c", attach, cflags=cfg.cflags())]
 
 

@@ -69,7 +69,7 @@ def sluice_programs(ctx):
         Program(
             "tunnel",
             SOURCE,
-            [TC(c.interface, "egress", "tunnel_egress", c.order)],
+            [TC(c.interface, "egress", "tunnel_egress", "rewrite", c.order - 400)],  # order: TC priority
             cflags=[f"-DTUNNEL_MAX_ROUTES={c.max_routes}"],
         )
     ]

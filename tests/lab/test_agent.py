@@ -43,8 +43,8 @@ PROBE = """
 [plugins.chainprobe]
 drop_udp_port = 9
 attach = [
-  {{ fn = "probe_count", iface = "ingress0", order = 100 }},
-  {{ fn = "probe_drop", iface = "{iface}", order = 300 }},
+  {{ fn = "probe_count", iface = "ingress0", phase = "observe" }},
+  {{ fn = "probe_drop", iface = "{iface}", phase = "enforce" }},
 ]
 """
 
@@ -220,7 +220,7 @@ def test_reload_applies_new_programs_and_removes_plugins(agent, lab):
     agent.start()
     with_pass = agent.config.read_text().replace(
         '  {{ fn = "probe_drop"'.replace("{{", "{"),
-        '  { fn = "probe_pass", iface = "ingress0", order = 200 },\n  { fn = "probe_drop"',
+        '  { fn = "probe_pass", iface = "ingress0", phase = "classify" },\n  { fn = "probe_drop"',
     )
     agent.config.write_text(with_pass)
     agent.signal(signal.SIGHUP)
@@ -247,7 +247,7 @@ def test_cli_tour_while_the_agent_runs(agent, lab, plugin_path, bpffs):
     hooks = run_cli(lab, plugin_path, agent.config, "hooks", "--json")
     assert hooks.returncode == 0, hooks.stderr
     chain = [
-        (h["iface"], h["order"], h["owner"]) for h in json.loads(hooks.stdout) if h["owner"] == "chainprobe"
+        (h["iface"], h["prio"], h["owner"]) for h in json.loads(hooks.stdout) if h["owner"] == "chainprobe"
     ]
     assert chain == [("ingress0", 100, "chainprobe"), ("ingress0", 300, "chainprobe")]
 

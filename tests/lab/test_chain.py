@@ -12,7 +12,7 @@ from sluice.bpf import libbpf, tc
 from sluice.bpf.maps import Map
 from sluice.datapath import Datapath
 from sluice.lab import in_netns, netns_socket
-from sluice.programs import TC, Program, Tracepoint
+from sluice.programs import TC, Program, Tracepoint, phase_of
 from sluice.trace import TraceCfg, TraceSession
 from tests.netlab import netns_pair
 
@@ -34,7 +34,10 @@ def pair():
 
 
 def program(*points):
-    return Program("chainprobe", PROBE_C, [TC("veth0", "ingress", fn, order) for fn, order in points])
+    """Programs at TC priorities: 100 → observe 0, 200 → classify 0, 300 → enforce 0 ..."""
+    return Program(
+        "chainprobe", PROBE_C, [TC("veth0", "ingress", fn, *phase_of(prio)) for fn, prio in points]
+    )
 
 
 def udp_delivered(pair, port: int) -> bool:

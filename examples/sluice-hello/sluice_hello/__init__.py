@@ -40,7 +40,11 @@ def sluice_requirements():
 @hookimpl
 def sluice_programs(ctx):
     return [
-        Program("hello", HERE / "hello.bpf.c", [TC(ctx.config.interface, "ingress", "hello_ingress", 150)])
+        Program(
+            "hello",
+            HERE / "hello.bpf.c",
+            [TC(ctx.config.interface, "ingress", "hello_ingress", "observe", 50)],
+        )
     ]
 
 

@@ -22,7 +22,8 @@ class Attach(pydantic.BaseModel):
     fn: Literal["probe_count", "probe_pass", "probe_drop"]
     iface: str
     direction: Literal["ingress", "egress"] = "ingress"
-    order: int
+    phase: str = "observe"  # checked by the core, like any plugin's declaration
+    order: int = 0
 
 
 class Config(pydantic.BaseModel):
@@ -45,7 +46,7 @@ def sluice_requirements():
 
 @hookimpl
 def sluice_programs(ctx):
-    points = [TC(a.iface, a.direction, a.fn, a.order) for a in ctx.config.attach]
+    points = [TC(a.iface, a.direction, a.fn, a.phase, a.order) for a in ctx.config.attach]
     drops = Program(
         "drops",
         Path(__file__).parent / "drops.bpf.c",
