@@ -175,12 +175,29 @@ def top(obj, interval, count, limit):
         prev, n = cur, n + 1
 
 
+def _drop_rows(recent: list[dict]) -> list[dict]:
+    """One row per (flow, reason): each eviction period exports its own record of a drop."""
+    rows: dict[tuple, dict] = {}
+    for f in recent:
+        if not f.get("drop_packets"):
+            continue
+        k = (f["src"], f["dst"], f["sport"], f["dport"], f["proto"], f["drop_reason"])
+        if k in rows:
+            rows[k]["drop_packets"] += f["drop_packets"]
+            rows[k]["drop_bytes"] += f["drop_bytes"]
+            rows[k] = dict(rows.pop(k))  # moved last: ordered by the latest drop
+        else:
+            rows[k] = dict(f)
+    return list(rows.values())
+
+
 @flows.command("drops")
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
 @json_option
 @pass_obj
 def drops_cmd(obj, limit, as_json):
-    """Kernel drops by reason (all namespaces) and the flows they hit."""
+    """Kernel drops on the monitored interfaces by reason, and the flows they hit (one row per
+    flow and reason, summed over the recent records)."""
     from sluice.plugins.flowmon.monitor import FlowMonitor
 
     try:
@@ -191,7 +208,7 @@ def drops_cmd(obj, limit, as_json):
         reasons = mon.reason_counts()
     finally:
         mon.close()
-    hit = [f for f in _recent(obj) if f.get("drop_packets")][-limit:]
+    hit = _drop_rows(_recent(obj))[-limit:]
     data = {"reasons": reasons, "flows": hit}
 
     def text(d):
@@ -199,7 +216,7 @@ def drops_cmd(obj, limit, as_json):
             sorted(([r, n] for r, n in d["reasons"].items()), key=lambda x: -x[1]), ["REASON", "DROPS"]
         )
         rows = [[*_row(f)[:3], f["drop_packets"], f["drop_reason"]] for f in d["flows"]]
-        return out + "\n\n" + table(rows, ["PROTO", "SRC", "DST", "DROPPED", "LAST REASON"])
+        return out + "\n\n" + table(rows, ["PROTO", "SRC", "DST", "DROPPED", "REASON"])
 
     emit(data, as_json, text)
 

@@ -6,11 +6,22 @@
  * it (the others are only listed), so nothing is counted twice. User space evicts the whole map
  * periodically (batched lookup-and-delete) and earlier when it nears full.
  *
+ * Counted bytes are L3: the IP datagram (IPv4 total length, IPv6 40 + payload length), as IPFIX's
+ * octetDeltaCount means, never the frame. A GSO/GRO packet counts as the segments it stands for
+ * on the wire (gso_segs), each with its own copy of the IP and transport headers.
+ *
+ * A packet forwarded from one monitored interface to another is counted by the ingress hook
+ * only: the egress hook never creates a flow for a packet whose ingress_ifindex is monitored
+ * (flowmon_ifaces), so an eviction between the two hooks cannot count it twice, and a packet
+ * lost at ingress (map full) stays lost once. Lost flows are counted once each: their keys go
+ * to an LRU (flowmon_lost) and only a new key counts as a lost flow.
+ *
  * Side features, all off the hot path for packets they do not concern:
  *   - TCP RTT from the handshake seen in TC (SYN to SYN-ACK of the reverse tuple), since fentry
  *     is unavailable on locked-down kernels;
  *   - DNS latency, rcode and query name over UDP and TCP (query/response id matching);
- *   - drops from the skb:kfree_skb tracepoint with the kernel's drop reason (FLOWMON_DROPS).
+ *   - drops from the skb:kfree_skb tracepoint with the kernel's drop reason (FLOWMON_DROPS),
+ *     only of packets on monitored interfaces in their namespace (flowmon_ifaces).
  *
  * Counters (flowmon_counters, per-CPU array) are indexed by FLOWMON_C_*; user space owns
  * FLOWMON_C_EVICTED and reads fill = INSERTED - EVICTED.
@@ -24,6 +35,7 @@
 #define FLOWMON_MAX_RULES 8
 #define FLOWMON_QNAME_LEN 48
 #define FLOWMON_MAX_REASONS 512
+#define FLOWMON_MAX_IFACES 4096
 
 #define FLOWMON_DIR_INGRESS 0
 #define FLOWMON_DIR_EGRESS 1
@@ -37,13 +49,13 @@
 enum flowmon_counter {
     FLOWMON_C_INSERTED = 0,    /* flows created in the map */
     FLOWMON_C_MAP_FULL = 1,    /* packets that found the map full: not aggregated, counted here */
-    FLOWMON_C_MAP_FULL_BYTES = 2,
+    FLOWMON_C_MAP_FULL_BYTES = 2, /* their L3 bytes */
     FLOWMON_C_MALFORMED = 3,   /* packets sluice_parse refused */
     FLOWMON_C_SAMPLED_OUT = 4, /* packets skipped by 1/N sampling */
     FLOWMON_C_FILTERED = 5,    /* packets rejected by filter rules */
     FLOWMON_C_EVICTED = 6,     /* written by user space only */
-    /* 7: unused (the DNS pending map is an LRU: old queries make room, never refused) */
-    FLOWMON_C_DROPS_FULL = 8,  /* drops not attributed to a flow: drop map full */
+    FLOWMON_C_LOST_FLOWS = 7,  /* distinct flows of those packets (new keys in flowmon_lost) */
+    FLOWMON_C_DROPS_FULL = 8,  /* in-scope drops not attributed to a flow: drop map full */
     FLOWMON_C_MAX = 16,
 };
 
@@ -60,7 +72,7 @@ struct flowmon_flow {
     __u64 first_ns; /* CLOCK_MONOTONIC (coarse) */
     __u64 last_ns;
     __u64 packets;
-    __u64 bytes;
+    __u64 bytes;          /* L3 */
     __u64 rtt_ns;         /* TCP handshake RTT measured at this host (0: none) */
     __u64 dns_latency_ns; /* on a DNS response's flow: time since its query */
     __u32 if_first;
@@ -102,6 +114,8 @@ struct flowmon_cfg {
 };
 #define FLOWMON_F_RTT 0x1
 #define FLOWMON_F_DNS 0x2
+#define FLOWMON_F_INGRESS_COUNTS 0x4 /* every packet egress would capture, ingress captures too (no
+                                        direction rules): forwarded packets are counted at ingress */
 
 struct flowmon_dns_key {
     __u8 client[16];
@@ -112,13 +126,18 @@ struct flowmon_dns_key {
     __u8 pad[3];
 };
 
+/* Drops are kept per flow and reason: one record each. */
+struct flowmon_drop_key {
+    struct flowmon_key flow;
+    __u32 reason; /* enum skb_drop_reason */
+};
+
 struct flowmon_drop {
     __u64 packets;
-    __u64 bytes;
+    __u64 bytes; /* L3 */
     __u64 last_ns;
-    __u32 last_reason;
-    __u16 last_flags; /* TCP flags of the last dropped packet */
-    __u8 pad[2];
+    __u16 flags; /* TCP flags of the dropped packets (union) */
+    __u8 pad[6];
 };
 
 SLUICE_MAP("hash", struct flowmon_key, struct flowmon_flow, flowmon_flows, FLOWMON_MAX_FLOWS);
@@ -127,7 +146,14 @@ SLUICE_MAP("array", u32, struct flowmon_cfg, flowmon_cfg, 1);
 SLUICE_MAP("array", u32, struct flowmon_rule, flowmon_rules, FLOWMON_MAX_RULES);
 SLUICE_MAP("lru_hash", struct flowmon_key, u64, flowmon_syn, 4096);
 SLUICE_MAP("lru_hash", struct flowmon_dns_key, u64, flowmon_dns_pending, 4096);
-SLUICE_MAP("hash", struct flowmon_key, struct flowmon_drop, flowmon_drops, 4096);
+SLUICE_MAP("hash", struct flowmon_drop_key, struct flowmon_drop, flowmon_drops, 4096);
+/* The interfaces the agent attached to: ifindex -> inode number of their network namespace. */
+SLUICE_MAP("hash", u32, u32, flowmon_ifaces, FLOWMON_MAX_IFACES);
+/* Flows lost to a full flow map this period (user space clears it at eviction): value unused.
+ * An LRU never refuses a key; it may forget one early (CPU-local free lists), hence the slack:
+ * a forgotten flow that loses another packet would count as lost twice. */
+#define FLOWMON_MAX_LOST (FLOWMON_MAX_FLOWS > 16384 ? FLOWMON_MAX_FLOWS : 16384)
+SLUICE_MAP("lru_hash", struct flowmon_key, u8, flowmon_lost, FLOWMON_MAX_LOST);
 SLUICE_MAP("percpu_array", u32, u64, flowmon_drop_reasons, FLOWMON_MAX_REASONS);
 
 static __always_inline void flowmon_count(u32 index, u64 n)
@@ -206,12 +232,12 @@ static __always_inline void flowmon_key_set(struct flowmon_key *k, const __u8 *s
 }
 
 /* A packet of a flow already in the map: count it on the flow's first interface, else list it. */
-static __always_inline void flowmon_update(struct flowmon_flow *fl, u32 ifindex, u8 dir, u64 len, u64 now,
-                                           u16 flags)
+static __always_inline void flowmon_update(struct flowmon_flow *fl, u32 ifindex, u8 dir, u32 packets, u64 bytes,
+                                           u64 now, u16 flags)
 {
     if (fl->if_first == ifindex && fl->dir_first == dir) {
-        __sync_fetch_and_add(&fl->packets, 1);
-        __sync_fetch_and_add(&fl->bytes, len);
+        __sync_fetch_and_add(&fl->packets, packets);
+        __sync_fetch_and_add(&fl->bytes, bytes);
         if (fl->last_ns != now) /* coarse clock: changes every few ms, skip the store otherwise */
             fl->last_ns = now;
         if ((fl->flags | flags) != fl->flags)
@@ -325,6 +351,41 @@ static __always_inline void flowmon_dns(struct __sk_buff *skb, const struct slui
         bpf_skb_load_bytes(skb, qoff, fl->qname, 8);
 }
 
+/* What the packet was on the wire: its segments and their L3 bytes. A GSO packet carries one copy
+ * of the headers for gso_segs segments; each segment repeats the IP header (with IPv6 extension
+ * headers) and the TCP or UDP header. Other GSO kinds (tunnels) repeat their inner headers too,
+ * which are not counted here (documented in docs/plugins/flowmon.md). */
+static __always_inline u64 flowmon_wire_bytes(struct __sk_buff *skb, const struct sluice_pkt *pkt, u32 segs)
+{
+    u64 bytes = pkt->ip_len;
+    if (segs <= 1)
+        return bytes;
+    u32 hdr = pkt->l4_off - pkt->l3_off;
+    if (pkt->flow.proto == IPPROTO_TCP) {
+        __u8 doff = 0;
+        bpf_skb_load_bytes(skb, pkt->l4_off + 12, &doff, 1); /* the parser checked it is there */
+        hdr += (doff >> 4) * 4;
+    } else if (pkt->flow.proto == IPPROTO_UDP) {
+        hdr += sizeof(struct udphdr);
+    }
+    return bytes + (u64)(segs - 1) * hdr;
+}
+
+static __always_inline int flowmon_monitored(u32 ifindex)
+{
+    return ifindex && flowmon_ifaces.lookup(&ifindex) != NULL;
+}
+
+/* The flow map is full: count the packet, and its flow once (the first time its key is seen). */
+static __always_inline void flowmon_lost_packet(struct flowmon_key *k, u32 packets, u64 bytes)
+{
+    u8 one = 1;
+    if (flowmon_lost.insert(k, &one) == 0)
+        flowmon_count(FLOWMON_C_LOST_FLOWS, 1);
+    flowmon_count(FLOWMON_C_MAP_FULL, packets);
+    flowmon_count(FLOWMON_C_MAP_FULL_BYTES, bytes);
+}
+
 static __always_inline int flowmon_observe(struct __sk_buff *skb, u8 dir)
 {
     struct sluice_pkt pkt;
@@ -354,19 +415,25 @@ static __always_inline int flowmon_observe(struct __sk_buff *skb, u8 dir)
     /* Flow times need no better than the IPFIX millisecond: the coarse clock (same
      * CLOCK_MONOTONIC base) saves ~10 ns per packet. RTT and DNS take precise time themselves. */
     u64 now = bpf_ktime_get_coarse_ns();
-    u64 len = skb->len;
+    u32 segs = skb->gso_segs;
+    u32 packets = segs > 1 ? segs : 1;
+    u64 bytes = flowmon_wire_bytes(skb, &pkt, segs);
     u16 flags = pkt.flow.proto == IPPROTO_TCP ? flowmon_tcp_flags(&pkt.flow) : 0;
 
     struct flowmon_flow *fl = flowmon_flows.lookup(&key);
     if (fl) {
-        flowmon_update(fl, skb->ifindex, dir, len, now, flags);
+        flowmon_update(fl, skb->ifindex, dir, packets, bytes, now, flags);
+    } else if (dir == FLOWMON_DIR_EGRESS && (cfg->features & FLOWMON_F_INGRESS_COUNTS) &&
+               flowmon_monitored(skb->ingress_ifindex)) {
+        /* Came in on a monitored interface: its ingress hook counted it, in a flow evicted since
+         * or as lost. Creating the flow here would count the packet twice. */
     } else {
         struct flowmon_flow init;
         __builtin_memset(&init, 0, sizeof(init));
         init.first_ns = now;
         init.last_ns = now;
-        init.packets = 1;
-        init.bytes = len;
+        init.packets = packets;
+        init.bytes = bytes;
         init.if_first = skb->ifindex;
         init.dir_first = dir;
         init.sampling = sampling;
@@ -386,11 +453,9 @@ static __always_inline int flowmon_observe(struct __sk_buff *skb, u8 dir)
         } else {
             fl = flowmon_flows.lookup(&key);
             if (fl) /* -EEXIST: created meanwhile, count on it */
-                flowmon_update(fl, skb->ifindex, dir, len, now, flags);
-            else { /* -E2BIG: full; user space sees the counter and evicts at once */
-                flowmon_count(FLOWMON_C_MAP_FULL, 1);
-                flowmon_count(FLOWMON_C_MAP_FULL_BYTES, len);
-            }
+                flowmon_update(fl, skb->ifindex, dir, packets, bytes, now, flags);
+            else /* -E2BIG: full; user space sees the counter and evicts at once */
+                flowmon_lost_packet(&key, packets, bytes);
         }
     }
     if (cfg->features & FLOWMON_F_RTT && pkt.flow.proto == IPPROTO_TCP)
@@ -416,7 +481,48 @@ int flowmon_egress(struct __sk_buff *skb)
 enum skb_drop_reason { FLOWMON_SKB_DROP_REASON_U32 = 0x7fffffff };
 
 /* Drops: skb:kfree_skb with the kernel's reason. The skb's headers are read with probe reads
- * (a tracepoint has no packet context); the flow is attributed by tuple, in any namespace. */
+ * (a tracepoint has no packet context). Only drops of packets on the monitored interfaces count:
+ * the skb's device (or, once the device is gone, its socket) must be in the namespace the
+ * interface was attached in, and the device or the packet's input interface must be one of them.
+ * struct offsets come from the running kernel's BTF (btf.py), not from headers. */
+static __always_inline u32 flowmon_netns_inum(void *net)
+{
+    u32 inum = 0;
+    if (net)
+        bpf_probe_read_kernel(&inum, sizeof(inum), net + FLOWMON_NET_INUM);
+    return inum;
+}
+
+static __always_inline int flowmon_iface_in(u32 ifindex, u32 inum)
+{
+    if (!ifindex || !inum)
+        return 0;
+    u32 *ns = flowmon_ifaces.lookup(&ifindex);
+    return ns && *ns == inum;
+}
+
+static __always_inline int flowmon_drop_in_scope(void *skb)
+{
+    void *dev = NULL, *net = NULL;
+    u32 ifindex = 0, iif = 0;
+    bpf_probe_read_kernel(&dev, sizeof(dev), skb + FLOWMON_SKB_DEV);
+    bpf_probe_read_kernel(&iif, sizeof(iif), skb + FLOWMON_SKB_IIF);
+    if (dev) {
+        bpf_probe_read_kernel(&net, sizeof(net), dev + FLOWMON_DEV_NET);
+        bpf_probe_read_kernel(&ifindex, sizeof(ifindex), dev + FLOWMON_DEV_IFINDEX);
+        u32 inum = flowmon_netns_inum(net);
+        if (flowmon_iface_in(ifindex, inum) || flowmon_iface_in(iif, inum))
+            return 1;
+    }
+    /* Delivered to a socket: skb->dev may be cleared (or reused as scratch); the socket knows. */
+    void *sk = NULL;
+    bpf_probe_read_kernel(&sk, sizeof(sk), skb + FLOWMON_SKB_SK);
+    if (!sk)
+        return 0;
+    bpf_probe_read_kernel(&net, sizeof(net), sk + FLOWMON_SK_NET);
+    return flowmon_iface_in(iif, flowmon_netns_inum(net));
+}
+
 static __always_inline int flowmon_drop_flow(struct flowmon_key *k, u16 *tcp_flags, u32 *ip_len,
                                              unsigned char *head, u16 nh, u16 protocol)
 {
@@ -435,13 +541,39 @@ static __always_inline int flowmon_drop_flow(struct flowmon_key *k, u16 *tcp_fla
         l4 = nh + ip.ihl * 4;
     } else if (protocol == ETH_P_IPV6) {
         struct ipv6hdr ip6;
-        if (bpf_probe_read_kernel(&ip6, sizeof(ip6), head + nh) < 0 || ip6.version != 6 || ip6.hop_limit == 0)
+        if (bpf_probe_read_kernel(&ip6, sizeof(ip6), head + nh) < 0 || ip6.version != 6)
             return -1;
         __builtin_memcpy(k->saddr, &ip6.saddr, 16);
         __builtin_memcpy(k->daddr, &ip6.daddr, 16);
-        k->proto = ip6.nexthdr; /* extension headers are not walked here */
         *ip_len = bpf_ntohs(ip6.payload_len) + sizeof(ip6);
+        /* the extension headers the TC parser walks (sluice/parse.h), so the key is the same */
+        __u8 next = ip6.nexthdr;
         l4 = nh + sizeof(ip6);
+#pragma unroll
+        for (int i = 0; i < SLUICE_MAX_IPV6_EXT; i++) {
+            if (!sluice_ipv6_ext_generic(next) && next != IPPROTO_AH && next != IPPROTO_FRAGMENT)
+                break;
+            __u8 ext[4];
+            if (bpf_probe_read_kernel(ext, sizeof(ext), head + l4) < 0)
+                return -1;
+            if (next == IPPROTO_FRAGMENT) {
+                next = ext[0];
+                if (((ext[2] << 8) | ext[3]) & 0xfff8) { /* a later fragment: no ports */
+                    k->proto = next;
+                    return 0;
+                }
+                l4 += 8;
+            } else if (next == IPPROTO_AH) {
+                next = ext[0];
+                l4 += (ext[1] + 2) * 4;
+            } else {
+                next = ext[0];
+                l4 += (ext[1] + 1) * 8;
+            }
+        }
+        if (sluice_ipv6_ext_generic(next) || next == IPPROTO_AH || next == IPPROTO_FRAGMENT)
+            return -1; /* a longer chain than TC walks: TC called it malformed, no flow either */
+        k->proto = next;
     } else {
         return -1;
     }
@@ -465,24 +597,27 @@ int flowmon_kfree_skb(struct tracepoint__skb__kfree_skb *args)
     u32 reason = (u32)args->reason;
     if (reason < 2) /* NOT_DROPPED_YET, CONSUMED */
         return 0;
+    void *skb = args->skbaddr;
+    if (!flowmon_drop_in_scope(skb))
+        return 0;
     u32 slot = reason < FLOWMON_MAX_REASONS ? reason : FLOWMON_MAX_REASONS - 1;
     u64 *count = flowmon_drop_reasons.lookup(&slot);
     if (count)
         *count += 1;
 
-    /* struct sk_buff offsets come from the running kernel's BTF (btf.py), not from headers */
-    void *skb = args->skbaddr;
     unsigned char *head = NULL;
     u16 nh = 0;
     bpf_probe_read_kernel(&head, sizeof(head), skb + FLOWMON_SKB_HEAD);
     bpf_probe_read_kernel(&nh, sizeof(nh), skb + FLOWMON_SKB_NETWORK_HEADER);
     if (!head || nh == (u16)~0U)
         return 0;
-    struct flowmon_key k;
+    struct flowmon_drop_key k;
+    __builtin_memset(&k, 0, sizeof(k));
     u16 tcp_flags = 0;
     u32 len = 0; /* the IP length: the skb's own may have lost pulled headers by now */
-    if (flowmon_drop_flow(&k, &tcp_flags, &len, head, nh, args->protocol) < 0)
+    if (flowmon_drop_flow(&k.flow, &tcp_flags, &len, head, nh, args->protocol) < 0)
         return 0;
+    k.reason = reason;
     u64 now = bpf_ktime_get_ns();
     struct flowmon_drop *d = flowmon_drops.lookup(&k);
     if (!d) {
@@ -499,8 +634,8 @@ int flowmon_kfree_skb(struct tracepoint__skb__kfree_skb *args)
     __sync_fetch_and_add(&d->packets, 1);
     __sync_fetch_and_add(&d->bytes, len);
     d->last_ns = now;
-    d->last_reason = reason;
-    d->last_flags = tcp_flags;
+    if ((d->flags | tcp_flags) != d->flags)
+        d->flags |= tcp_flags;
     return 0;
 }
 #endif

@@ -5,6 +5,12 @@ from enterprise elements (PEN 32473, the documentation number of RFC 5612, until
 own) for what IANA has no element for: RTT, DNS, drops, the sampling rate. A collector that does
 not know the enterprise elements skips them by length, as RFC 7011 requires.
 
+Every IANA element carries what IANA defines: octetDeltaCount is the IP packets' bytes (header
+and payload, no L2), tcpControlBits the header's flag bits only (flowmon's SYN-ACK/FIN-ACK/RST-ACK
+combination bits would read as NS and reserved bits), the DSCP goes in ipDiffServCodePoint (the
+datapath keeps no ECN bits for ipClassOfService), and the counting interface is the ingress or
+the egress interface by the direction it counted in.
+
 UDP: templates go out first and again every ``template_refresh_s``; each message stays under the
 path MTU. TCP: templates go out once per connection; a broken connection is reopened at the next
 export (the failed records are counted as export errors, never retried into a stale stream).
@@ -50,10 +56,11 @@ def _common(src: Element, dst: Element, icmp: Element) -> list[Element]:
         Element("flowStartMilliseconds", 152, 8),
         Element("flowEndMilliseconds", 153, 8),
         Element("tcpControlBits", 6, 2),
-        Element("ipClassOfService", 5, 1),
+        Element("ipDiffServCodePoint", 195, 1),
         Element("sourceMacAddress", 56, 6),
         Element("destinationMacAddress", 80, 6),
         Element("ingressInterface", 10, 4),
+        Element("egressInterface", 14, 4),
         Element("flowDirection", 61, 1),
         Element("flowmonSamplingRate", 1, 4, PEN),
         Element("flowmonRttNanoseconds", 2, 8, PEN),
@@ -125,10 +132,11 @@ class Encoder:
         icmp = 0
         if proto == 1 or proto == 58:
             icmp, sport, dport = sport << 8 | dport, 0, 0
-        off = f.offset
+        off, egress = f.offset, direction & 1
         return t.record.pack(
             saddr, daddr, sport, dport, proto, icmp, nbytes, packets, (first + off) // 1_000_000,
-            (last + off) // 1_000_000, flags, (dscp << 2) & 0xFF, smac, dmac, ifindex, direction & 1,
+            (last + off) // 1_000_000, flags & 0xFF, dscp & 0x3F, smac, dmac, 0 if egress else ifindex,
+            ifindex if egress else 0, egress,
             sampling or 1, rtt, dns_latency, dns_id, dns_flags, f.drop_packets, f.drop_bytes,
             self.reason_values.get(f.drop_reason, 0) if f.drop_reason else 0,
             f.dns_qname.encode()[:64] if qname[0] else b"",

@@ -11,6 +11,7 @@ import ctypes as ct
 import fnmatch
 import gc
 import ipaddress
+import os
 from collections.abc import Callable, Iterator, Sequence
 from itertools import repeat
 from pathlib import Path
@@ -22,6 +23,7 @@ from sluice.bpf.maps import Map
 from sluice.plugins.flowmon import btf
 from sluice.plugins.flowmon.config import Config, FilterRule
 from sluice.plugins.flowmon.records import (
+    DROP_KEY,
     FLOW,
     KEY,
     Flow,
@@ -45,10 +47,11 @@ COUNTERS = {
     "sampled_out": 4,
     "filtered": 5,
     "evicted": 6,
+    "lost_flows": 7,
     "drops_unattributed": 8,
 }
 EVICTED = COUNTERS["evicted"]
-F_RTT, F_DNS = 0x1, 0x2
+F_RTT, F_DNS, F_INGRESS_COUNTS = 0x1, 0x2, 0x4
 
 
 class CfgStruct(ct.Structure):
@@ -101,14 +104,26 @@ def rule_struct(rule: FilterRule) -> RuleStruct:
 
 
 def cflags(config: Config, drops: bool) -> list[str]:
-    """Compile-time settings; with drops, the sk_buff offsets of the running kernel (BTF)."""
+    """Compile-time settings; with drops, the kernel struct offsets of the running kernel (BTF)."""
     flags = [f"-DFLOWMON_MAX_FLOWS={config.max_flows}"]
     if drops:
-        off = btf.member_offsets("sk_buff", ["head", "network_header"])
+        skb = btf.member_offsets("sk_buff", ["head", "network_header", "dev", "skb_iif", "sk"])
+        dev = btf.member_offsets("net_device", ["nd_net", "ifindex"])
+        # possible_net_t and sock_common start their structs: their first member is the pointer
+        net = btf.member_offsets("net", ["ns"])["ns"] + btf.member_offsets("ns_common", ["inum"])["inum"]
+        sk_net = btf.member_offsets("sock", ["__sk_common"])["__sk_common"]
+        sk_net += btf.member_offsets("sock_common", ["skc_net"])["skc_net"]
         flags += [
             "-DFLOWMON_DROPS=1",
-            f"-DFLOWMON_SKB_HEAD={off['head']}",
-            f"-DFLOWMON_SKB_NETWORK_HEADER={off['network_header']}",
+            f"-DFLOWMON_SKB_HEAD={skb['head']}",
+            f"-DFLOWMON_SKB_NETWORK_HEADER={skb['network_header']}",
+            f"-DFLOWMON_SKB_DEV={skb['dev']}",
+            f"-DFLOWMON_SKB_IIF={skb['skb_iif']}",
+            f"-DFLOWMON_SKB_SK={skb['sk']}",
+            f"-DFLOWMON_DEV_NET={dev['nd_net']}",
+            f"-DFLOWMON_DEV_IFINDEX={dev['ifindex']}",
+            f"-DFLOWMON_NET_INUM={net}",
+            f"-DFLOWMON_SK_NET={sk_net}",
         ]
     return flags
 
@@ -128,6 +143,11 @@ def compile_datapath(bpffs: Path, config: Config, drops: bool = False):
     return bpf
 
 
+def netns_inode() -> int:
+    """The inode number of this thread's network namespace (what the kernel's ns.inum holds)."""
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
 def interface_wanted(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in include) and not any(
         fnmatch.fnmatchcase(name, p) for p in exclude
@@ -137,10 +157,16 @@ def interface_wanted(name: str, include: Sequence[str], exclude: Sequence[str]) 
 class Attacher:
     """Keeps flowmon's TC programs on every interface the include/exclude globs select, including
     interfaces that appear later (:meth:`sync` is called periodically) and ones re-created under
-    the same name (a new ifindex). Runs in the caller's network namespace."""
+    the same name (a new ifindex). Runs in the caller's network namespace.
+
+    The attached interfaces are also listed in ``flowmon_ifaces`` (ifindex -> namespace inode):
+    drops are recorded only for them, and a packet forwarded between two of them is counted at
+    its ingress only."""
 
     def __init__(self, bpf, log=None):
         self.fds = {d: loader.load_tc(bpf, PLUGIN, fn) for d, fn in FUNCTIONS.items()}
+        self.ifaces = Map.from_bcc(bpf[b"flowmon_ifaces"])
+        self.netns = netns_inode()
         self.attached: dict[str, int] = {}  # name -> ifindex
         self.swept = False  # filters left by an earlier run on interfaces no longer wanted
         self.log = log
@@ -152,12 +178,15 @@ class Attacher:
         with IPRoute() as ipr:
             links = {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links()}
             for name in [n for n in self.attached if n not in links]:
-                del self.attached[name]  # gone: its filters went with it
+                self.ifaces.delete(self.attached.pop(name))  # gone: its filters went with it
             if not self.swept:  # once per run: the previous run's config may have selected more
                 ours = {tc.filter_name(PLUGIN, fn) for fn in FUNCTIONS.values()}
                 for f in tc.list_filters(ipr):
                     if f.name in ours and not interface_wanted(f.iface, include, exclude):
                         tc.detach(ipr, f.ifindex, f.direction, f.prio)
+                for index, ns in list(self.ifaces.items()):  # this namespace's entries of that run
+                    if ns == self.netns:
+                        self.ifaces.delete(index)
                 self.swept = True
             for name, index in sorted(links.items()):
                 wanted = interface_wanted(name, include, exclude)
@@ -176,6 +205,7 @@ class Attacher:
                     continue
                 self.errors.pop(name, None)
                 self.attached[name] = index
+                self.ifaces.set(index, self.netns)
                 added.append(name)
         return added
 
@@ -193,6 +223,7 @@ class Attacher:
         for direction in FUNCTIONS:
             tc.detach(ipr, index, direction, ORDER)
         self.attached.pop(name, None)
+        self.ifaces.delete(index)
 
     def detach_all(self) -> None:
         with IPRoute() as ipr:
@@ -223,13 +254,14 @@ class FlowMonitor:
         self.cfg = Map.open_pinned(pin_dir / "flowmon_cfg", ct.c_uint32, CfgStruct)
         self.rules = Map.open_pinned(pin_dir / "flowmon_rules", ct.c_uint32, RuleStruct)
         self.drops = Map.open_pinned(pin_dir / "flowmon_drops")
+        self.lost = Map.open_pinned(pin_dir / "flowmon_lost")
         self.drop_reasons = Map.open_pinned(pin_dir / "flowmon_drop_reasons", ct.c_uint32, ct.c_uint64)
         self.reasons = reasons or {}
         self.capacity = self.flows.info.max_entries
         self.nat_lookup: Callable[[Flow], dict | None] | None = None
 
     def close(self) -> None:
-        for m in (self.flows, self.counters, self.cfg, self.rules, self.drops, self.drop_reasons):
+        for m in (self.flows, self.counters, self.cfg, self.rules, self.drops, self.drop_reasons, self.lost):
             m.close()
 
     def configure(self, config: Config) -> None:
@@ -237,6 +269,8 @@ class FlowMonitor:
         for i, rule in enumerate(config.filters):
             self.rules.set(i, rule_struct(rule))
         features = (F_RTT if config.rtt else 0) | (F_DNS if config.dns else 0)
+        if all(rule.direction == "any" for rule in config.filters):
+            features |= F_INGRESS_COUNTS  # egress captures nothing ingress would not
         self.cfg.set(0, CfgStruct(config.sampling, len(config.filters), config.dns_port, features))
 
     def counter_values(self) -> dict[str, int]:
@@ -273,22 +307,35 @@ class FlowMonitor:
         drops merged and NAT looked up. Chunks keep memory flat: a million-flow eviction never
         holds a million objects, which makes it about twice as fast as draining all first."""
         offset = mono_to_wall_offset_ns()
-        drops = {KEY.unpack(kb): vb for kb, vb in self.drops.pop_all(chunk)} if with_drops else {}
+        self.lost.clear(chunk)  # a new period: a flow lost again counts as lost again
+        drops: dict[tuple, list[tuple[int, bytes]]] = {}
+        for kb, vb in self.drops.pop_all(chunk) if with_drops else ():
+            *key, reason = DROP_KEY.unpack(kb)
+            drops.setdefault(tuple(key), []).append((reason, vb))
         for _, keys, values in self.flows.items_raw(chunk, delete=True):
             with _no_gc():  # thousands of acyclic objects: GC passes would cost more than the decode
                 flows = list(map(Flow, KEY.iter_unpack(keys), FLOW.iter_unpack(values), repeat(offset)))
             self._add_evicted(len(flows))
             if drops:
+                extra = []
                 for f in flows:
-                    vb = drops.pop(f.k, None)
-                    if vb is not None:
-                        merge_drop(f, vb, offset, self.reasons)
+                    per_reason = drops.pop(f.k, None)
+                    if per_reason:  # the flow carries its first reason, others get a record each
+                        merge_drop(f, *per_reason[0], offset, self.reasons)
+                        extra += self._drop_records(f.k, per_reason[1:], offset)
+                flows += extra
             yield self._with_nat(flows)
-        if drops:  # dropped before TC saw them this period (or elsewhere on the host)
-            flows = [Flow(k) for k in drops]
-            for f, vb in zip(flows, drops.values(), strict=True):
-                merge_drop(f, vb, offset, self.reasons)
-            yield self._with_nat(flows)
+        if drops:  # dropped before TC saw them this period (or TC never sees them)
+            yield self._with_nat([f for k, rs in drops.items() for f in self._drop_records(k, rs, offset)])
+
+    def _drop_records(self, key: tuple, per_reason: list[tuple[int, bytes]], offset: int) -> list[Flow]:
+        """Drop-only records, one per reason."""
+        out = []
+        for reason, vb in per_reason:
+            f = Flow(key)
+            merge_drop(f, reason, vb, offset, self.reasons)
+            out.append(f)
+        return out
 
     def _with_nat(self, flows: list[Flow]) -> list[Flow]:
         if self.nat_lookup:

@@ -11,10 +11,12 @@ import socket
 import struct
 import time
 
-# struct flowmon_key / flowmon_flow / flowmon_drop (flowmon.bpf.c); sizes checked against the map.
+# struct flowmon_key / flowmon_flow / flowmon_drop_key / flowmon_drop (flowmon.bpf.c); sizes
+# checked against the map.
 KEY = struct.Struct("<16s16sHHB3x")
 FLOW = struct.Struct("<6QI4IIHHHB4BBB6s6s48s7x")
-DROP = struct.Struct("<QQQIH2x")
+DROP_KEY = struct.Struct("<16s16sHHB3xI")  # the flow key and the drop reason
+DROP = struct.Struct("<QQQH6x")
 MAX_SEEN = 4
 QNAME_LEN = 48
 
@@ -203,8 +205,9 @@ def decode_flow(kb: bytes, vb: bytes, offset_ns: int) -> Flow:
     return Flow(KEY.unpack(kb), FLOW.unpack(vb), offset_ns)
 
 
-def merge_drop(flow: Flow, vb: bytes, offset_ns: int, reasons: dict[int, str]) -> None:
-    packets, nbytes, last_ns, reason, tcp_flags = DROP.unpack(vb)
+def merge_drop(flow: Flow, reason: int, vb: bytes, offset_ns: int, reasons: dict[int, str]) -> None:
+    """Add the drops of one reason (a flowmon_drops value) to ``flow``."""
+    packets, nbytes, last_ns, tcp_flags = DROP.unpack(vb)
     flow.drop_packets += packets
     flow.drop_bytes += nbytes
     flow.drop_reason = reasons.get(reason, str(reason))

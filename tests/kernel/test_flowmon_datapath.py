@@ -111,11 +111,12 @@ def test_aggregates_packets_and_bytes_per_flow(mon):
     run(fd, ipv6(17, udp(dport=53)), repeat=3)
     flows = {(f.src, f.dport): f for f in m.evict()}
     v4 = flows[("10.0.0.1", 9)]
-    assert (v4.packets, v4.bytes, v4.proto, v4.family, v4.dscp) == (7, 7 * len(frame), 17, 4, 46)
+    # bytes are L3 (IPFIX octetDeltaCount): the IP datagram, not the Ethernet frame
+    assert (v4.packets, v4.bytes, v4.proto, v4.family, v4.dscp) == (7, 7 * (len(frame) - 14), 17, 4, 46)
     assert (v4.src_mac, v4.dst_mac) == (SRC_MAC.hex(":"), DST_MAC.hex(":"))
     assert v4.start_ns <= v4.end_ns and v4.direction == 0
     v6 = flows[("fd00::1", 53)]
-    assert (v6.packets, v6.family, v6.dst) == (3, 6, "fd00::2")
+    assert (v6.packets, v6.bytes, v6.family, v6.dst) == (3, 3 * (40 + 8 + 4), 6, "fd00::2")
 
 
 def test_tcp_flags_union_with_ack_combinations(mon):
@@ -202,6 +203,11 @@ def test_tiny_map_overflow_is_counted_and_recovers(tiny):
     in_map = c1["inserted"] - c0["inserted"]
     lost = c1["map_full_packets"] - c0["map_full_packets"]
     assert in_map == 16 and lost == 24  # every packet is either in a flow or counted as lost
+    assert c1["lost_flows"] - c0["lost_flows"] == 24
+    for port in range(16, 40):  # the lost flows again: their packets count, the flows do not
+        run(fd, ipv4(17, udp(sport=1000 + port), src="10.1.0.1"))
+    c2 = m.counter_values()
+    assert (c2["map_full_packets"] - c1["map_full_packets"], c2["lost_flows"] - c1["lost_flows"]) == (24, 0)
     assert m.fill() == 16
     flows = m.evict()
     assert len(flows) == 16 and m.fill() == 0

@@ -1,5 +1,9 @@
 """flowmon on the lab gateway with real traffic: exact counts, flags, both families, drops with
-the kernel's reasons, DNS against the lab's dnsmasq, TCP RTT, and IPFIX decoded by nfdump."""
+the kernel's reasons, DNS against the lab's dnsmasq, TCP RTT, and IPFIX decoded by nfdump.
+
+Bytes are L3 (what IPFIX's octetDeltaCount means): the senders' datagram sizes plus IP and
+transport headers, nftables' counters (which count from L3, one GSO packet as one), and for TCP
+the segments the server's kernel received (tcp_info segs_in) as the wire's packet count."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -28,7 +33,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces and BPF"),
 ]
 INGRESS0, EGRESS0 = 11, 12  # ifindexes of the gw's interfaces (sluice.lab)
-ETH = 14
 SETTLE_S = 0.3  # let the last ACKs of a closed connection cross the gateway before evicting
 
 
@@ -122,7 +126,7 @@ def test_udp_counts_are_exact_and_counted_once(gw, family):
             rx.recv(2048)
     f = find(mon.evict(), src, dst, 17, 7001)
     assert f.packets == len(sizes)
-    assert f.bytes == sum(ETH + ip_header(family) + 8 + n for n in sizes)
+    assert f.bytes == sum(ip_header(family) + 8 + n for n in sizes)  # L3: no Ethernet header
     assert (f.ifindex, f.direction) == (INGRESS0, 0)  # counted where it entered the gateway ...
     assert f.seen == [(EGRESS0, 1)]  # ... and only listed where it left it
     assert f.src_mac == "02:99:01:00:00:02" and f.dst_mac == "02:99:01:00:00:01"
@@ -140,7 +144,7 @@ def test_icmp_echo_counts_by_type_and_code(gw, family):
     req = [f for f in flows if (f.src, f.dst, f.proto, f.sport) == (src, dst, proto, request)]
     rep = [f for f in flows if (f.src, f.dst, f.proto, f.sport) == (dst, src, proto, reply)]
     assert len(req) == 1 and len(rep) == 1
-    size = ETH + ip_header(family) + 8 + len(b"sluice-lab-ping")
+    size = ip_header(family) + 8 + len(b"sluice-lab-ping")
     assert (req[0].packets, req[0].bytes, req[0].dport) == (3, 3 * size, 0)
     assert (rep[0].packets, rep[0].ifindex) == (3, EGRESS0)
 
@@ -158,13 +162,24 @@ def nft_counter(lb, host: str, table: str) -> tuple[int, int]:
     raise AssertionError(f"no counter in table {table}")
 
 
-def tcp_exchange(lb, family: int, port: int, payload: bytes) -> float:
-    """Connect client -> server, send payload, get it echoed, close; returns the connect time (s)."""
+TCP_INFO_SEGS_IN = 140  # struct tcp_info: __u32 tcpi_segs_in (segments, GSO ones counted as sent)
+TCP_TS_HEADER = 32  # a data segment's TCP header with the timestamp option (Linux's default)
+
+
+class Exchange(NamedTuple):
+    connect_s: float  # the client's connect() time
+    segs_in: int  # segments the server received from the client: the wire's packet count
+
+
+def tcp_exchange(lb, family: int, port: int, payload: bytes) -> Exchange:
+    """Connect client -> server, send payload, get it echoed; the server closes first, so its
+    socket has received every segment of the client (up to its FIN) when it reads tcp_info."""
     dst = lb.addr("server", family)
     srv = lb.socket("server", family, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((dst, port))
     srv.listen(1)
+    segs_in: list[int] = []
 
     def serve():
         conn, _ = srv.accept()
@@ -173,6 +188,11 @@ def tcp_exchange(lb, family: int, port: int, payload: bytes) -> float:
             while len(data) < len(payload):
                 data += conn.recv(65536)
             conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+            while conn.recv(65536):  # until the client's FIN
+                pass
+            info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+            segs_in.append(struct.unpack_from("I", info, TCP_INFO_SEGS_IN)[0])
 
     t = threading.Thread(target=serve)
     t.start()
@@ -184,77 +204,146 @@ def tcp_exchange(lb, family: int, port: int, payload: bytes) -> float:
         connect_s = time.perf_counter() - t0
         cli.sendall(payload)
         got = b""
-        while len(got) < len(payload):
-            got += cli.recv(65536)
+        while chunk := cli.recv(65536):
+            got += chunk
+        assert got == payload
     t.join(5)
     srv.close()
     wait_until(f"the TCP connection to port {port} to close", lambda: tcp_closed(lb, port))
-    return connect_s
+    return Exchange(connect_s, segs_in[0])
 
 
-@pytest.mark.parametrize("family", [4, 6])
-def test_tcp_counts_match_netfilter_and_flags(gw, family):
-    lb, mon = gw
-    src, dst, port = lb.addr("client", family), lb.addr("server", family), 7100 + family
-    l3 = "ip" if family == 4 else "ip6"
+def tcp_counter(lb, family: int, port: int):
+    """An nftables counter on the gateway's forward hook for client -> server:port."""
+    src, l3 = lb.addr("client", family), "ip" if family == 4 else "ip6"
+    table = f"fm_count{port}"
     nft(
         lb,
         "gw",
-        f"table inet fm_test {{\n chain c {{\n type filter hook forward priority 0; policy accept;\n"
+        f"table inet {table} {{\n chain c {{\n type filter hook forward priority 0; policy accept;\n"
         f" {l3} saddr {src} tcp dport {port} counter\n }}\n}}\n",
     )
+    return table
+
+
+def tcp_truth(lb, family: int, port: int, payload: bytes) -> tuple[Exchange, int, int]:
+    """An exchange and its client -> server L3 truth: (exchange, packets, bytes) on the wire.
+
+    nftables counts L3 bytes but one GSO packet as one; the wire carries segs_in segments, each
+    extra one with its own IP and TCP headers (data segments: timestamps, no SACK: no loss)."""
+    table = tcp_counter(lb, family, port)
     try:
-        connect_s = tcp_exchange(lb, family, port, b"t" * 5000)
-        packets, nbytes = nft_counter(lb, "gw", "fm_test")
+        ex = tcp_exchange(lb, family, port, payload)
+        skbs, nbytes = nft_counter(lb, "gw", table)
     finally:
-        lb.exec("gw", ["nft", "delete", "table", "inet", "fm_test"], check=False)
+        lb.exec("gw", ["nft", "delete", "table", "inet", table], check=False)
+    return ex, ex.segs_in, nbytes + (ex.segs_in - skbs) * (ip_header(family) + TCP_TS_HEADER)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_tcp_counts_are_the_wire_segments_and_flags(gw, family):
+    lb, mon = gw
+    src, dst, port = lb.addr("client", family), lb.addr("server", family), 7100 + family
+    ex, packets, nbytes = tcp_truth(lb, family, port, b"t" * 200_000)  # TSO: GSO packets cross
     flows = mon.evict()
     fwd = find(flows, src, dst, 6, port)
-    assert (fwd.packets, fwd.bytes) == (packets, nbytes + ETH * packets)  # nft counts from L3
+    assert (fwd.packets, fwd.bytes) == (packets, nbytes)
     assert {"SYN", "ACK", "PSH", "FIN"} <= set(fwd.as_dict()["tcp_flags_names"])
     rev = find(flows, dst, src, 6)
     assert {"SYN-ACK", "FIN-ACK"} <= set(rev.as_dict()["tcp_flags_names"])
     # RTT: SYN at ingress0 to SYN-ACK at egress0 lies inside the client's connect().
     assert rev.rtt_method == "tc-handshake"
-    assert 0 < rev.rtt_ns <= connect_s * 1e9
+    assert 0 < rev.rtt_ns <= ex.connect_s * 1e9
 
 
-def test_drops_with_kernel_reasons(gw):
+@pytest.mark.parametrize("family", [4, 6])
+def test_tcp_counts_equal_netfilter_without_gso(gw, family):
+    """No GSO from the client (one segment per skb): every skb is a wire packet, and nftables'
+    counter is the truth."""
     lb, mon = gw
-    src, dst = lb.addr("client"), lb.addr("server")
+    src, dst, port = lb.addr("client", family), lb.addr("server", family), 7110 + family
+    lb.exec("client", ["ip", "link", "set", "dev", "eth0", "gso_max_segs", "1"])
+    try:
+        table = tcp_counter(lb, family, port)
+        try:
+            tcp_exchange(lb, family, port, b"o" * 50_000)
+            packets, nbytes = nft_counter(lb, "gw", table)
+        finally:
+            lb.exec("gw", ["nft", "delete", "table", "inet", table], check=False)
+    finally:
+        lb.exec("client", ["ip", "link", "set", "dev", "eth0", "gso_max_segs", "65535"], check=False)
+    fwd = find(mon.evict(), src, dst, 6, port)
+    assert (fwd.packets, fwd.bytes) == (packets, nbytes)
+
+
+def drop_rows(mon) -> list[Flow]:
+    return [Flow(KEY.unpack(bytes(k)[: KEY.size])) for k, _ in mon.drops.items()]
+
+
+def send_udp(
+    lb, host: str, family: int, dst: str, port: int, *payloads: bytes, hopopts: bool = False
+) -> None:
+    """``payloads`` from one socket: one flow."""
+    with lb.socket(host, family, socket.SOCK_DGRAM) as tx:
+        if hopopts:  # a hop-by-hop header (one PadN option) before the UDP header
+            tx.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_HOPOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))
+        for payload in payloads:
+            tx.sendto(payload, (dst, port))
+
+
+def test_drops_only_from_monitored_interfaces_with_kernel_reasons(gw):
+    """Drops in the gateway on its monitored interfaces are recorded, per flow and reason; drops
+    in the server's namespace (not monitored) and on the gateway's unmonitored underlay0 are not."""
+    lb, mon = gw
+    client, server = lb.addr("client"), lb.addr("server")
+    gw4, gw6 = lb.addr("gw-ingress"), lb.addr("gw-ingress", 6)
     nft(
+        lb,
+        "gw",
+        "table inet fm_drop {\n chain c {\n type filter hook forward priority 0; policy accept;\n"
+        " udp dport 7203 drop\n }\n}\n",
+    )
+    nft(  # the unmonitored namespace drops the same kinds of packets
         lb,
         "server",
         "table inet fm_drop {\n chain c {\n type filter hook input priority 0; policy accept;\n"
-        " udp dport 7203 drop\n }\n}\n",
+        " udp dport 7213 drop\n }\n}\n",
     )
     try:
-        with lb.socket("client", 4, socket.SOCK_DGRAM) as tx:
-            tx.sendto(b"closed", (dst, 7202))  # nobody listens: NO_SOCKET
-            tx.sendto(b"walled", (dst, 7203))  # nftables drops it: NETFILTER_DROP
+        send_udp(lb, "client", 4, gw4, 7202, b"closed")  # nobody listens on the gw: NO_SOCKET
+        send_udp(lb, "client", 4, server, 7203, b"walled", b"walled again")  # gw's nft: NETFILTER_DROP
+        send_udp(lb, "client", 6, gw6, 7205, b"hbh", hopopts=True)  # behind hop-by-hop: NO_SOCKET
         with lb.socket("client", 4, socket.SOCK_STREAM) as c:
             c.settimeout(2)
             with pytest.raises(ConnectionRefusedError):
-                c.connect((dst, 7204))  # the SYN is freed with NO_SOCKET, a RST answers
+                c.connect((gw4, 7204))  # the SYN is freed with NO_SOCKET, a RST answers
+        send_udp(lb, "client", 4, server, 7212, b"closed")  # dropped in the server: not ours
+        send_udp(lb, "client", 4, server, 7213, b"walled")  # the server's nftables: not ours
+        send_udp(lb, "peer", 4, lb.addr("gw-underlay"), 7214, b"x")  # gw, unmonitored underlay0
+        want = {(client, gw4, 17, 7202), (client, server, 17, 7203), (client, gw4, 6, 7204)}
+        want.add((lb.addr("client", 6), gw6, 17, 7205))
 
         def dropped():
-            got = {Flow(KEY.unpack(bytes(k))) for k, _ in mon.drops.items()}
-            return {(src, dst, 17, 7202), (src, dst, 17, 7203), (src, dst, 6, 7204)} <= {
-                (f.src, f.dst, f.proto, f.dport) for f in got
-            }
+            return want <= {(f.src, f.dst, f.proto, f.dport) for f in drop_rows(mon)}
 
-        wait_until("the three drops to be recorded", dropped)
+        wait_until("the gateway's drops to be recorded", dropped)
+        ping(lb.ns("client"), server, timeout=5)  # a later packet: the server's drops are done
     finally:
+        lb.exec("gw", ["nft", "delete", "table", "inet", "fm_drop"], check=False)
         lb.exec("server", ["nft", "delete", "table", "inet", "fm_drop"], check=False)
+    rows = drop_rows(mon)
+    assert {(f.src, f.dst, f.proto, f.dport) for f in rows} == want  # nothing else: no proto 0
     flows = mon.evict()
-    closed, walled = find(flows, src, dst, 17, 7202), find(flows, src, dst, 17, 7203)
+    closed, walled = find(flows, client, gw4, 17, 7202), find(flows, client, server, 17, 7203)
     assert (closed.drop_reason, closed.drop_packets, closed.packets) == ("NO_SOCKET", 1, 1)
-    assert (walled.drop_reason, walled.drop_packets) == ("NETFILTER_DROP", 1)
-    assert walled.drop_bytes == 20 + 8 + len(b"walled")  # the IP length of the dropped packet
-    syn = find(flows, src, dst, 6, 7204)
+    assert (walled.drop_reason, walled.drop_packets, walled.packets) == ("NETFILTER_DROP", 2, 2)
+    assert walled.drop_bytes == 2 * (20 + 8) + len(b"walled") + len(b"walled again")  # L3
+    hbh = find(flows, lb.addr("client", 6), gw6, 17, 7205)
+    assert (hbh.drop_reason, hbh.drop_bytes) == ("NO_SOCKET", 40 + 8 + 8 + len(b"hbh"))
+    syn = find(flows, client, gw4, 6, 7204)
     assert syn.drop_reason == "NO_SOCKET" and syn.drop_tcp_flags & 0x02
-    reasons = mon.reason_counts()
-    assert reasons["NO_SOCKET"] >= 2 and reasons["NETFILTER_DROP"] >= 1
+    assert not [f for f in flows if f.drop_packets and f.dst == server and f.dport in (7212, 7213)]
+    assert mon.reason_counts() == {"NO_SOCKET": 3, "NETFILTER_DROP": 2}
 
 
 def test_dns_latency_rcode_and_name_against_dnsmasq(gw):
@@ -407,33 +496,50 @@ def assert_decoded(records: list[dict], lb, family: int, port: int, sizes: list[
     assert len(got) == 1, f"nfdump records for {src} -> {dst}:{port}: {got or records[:3]}"
     r = got[0]
     assert r["in_packets"] == len(sizes)
-    assert r["in_bytes"] == sum(ETH + ip_header(family) + 8 + n for n in sizes)
+    assert r["in_bytes"] == sum(ip_header(family) + 8 + n for n in sizes)
     assert r["proto"] == 17
 
 
-def test_ipfix_over_udp_decoded_by_nfcapd(gw, nfcapd):
+def test_ipfix_bytes_are_l3_truth_in_nfdump(gw, nfcapd):
+    """TCP, UDP and ICMP in both families, exported over UDP to nfcapd and decoded by nfdump:
+    packets and bytes equal the senders' and nftables' L3 truth exactly."""
     from sluice.plugins.flowmon.ipfix import Exporter
 
     lb, mon = gw
-    sizes = [10, 200, 999]
-    udp_traffic(lb, 4, 7401, sizes)
-    udp_traffic(lb, 6, 7402, sizes)
-    for _ in range(2):
-        ping(lb.ns("client"), lb.addr("server"), timeout=5)
-    tcp_exchange(lb, 4, 7404, b"x" * 3000)
+    sizes, ping_l3 = [10, 200, 999], 8 + len(b"sluice-lab-ping")
+    truth = {}  # (family, proto, dport or ICMP type) -> (packets, bytes)
+    for family in (4, 6):
+        udp_traffic(lb, family, 7400 + family, sizes)
+        truth[family, 17, 7400 + family] = (3, sum(ip_header(family) + 8 + n for n in sizes))
+        for _ in range(2):
+            ping(lb.ns("client"), lb.addr("server", family), timeout=5)
+        truth[family, 1 if family == 4 else 58, 8 if family == 4 else 128] = (
+            2,
+            2 * (ip_header(family) + ping_l3),
+        )
+        _, packets, nbytes = tcp_truth(lb, family, 7410 + family, b"x" * 100_000)
+        truth[family, 6, 7410 + family] = (packets, nbytes)
     exporter = Exporter(f"127.0.0.1:{nfcapd.port}", "udp")
     try:
         exporter.export(mon.evict())
     finally:
         exporter.close()
     records = nfcapd.records()
-    assert_decoded(records, lb, 4, 7401, sizes)
-    assert_decoded(records, lb, 6, 7402, sizes)
-    src, dst = lb.addr("client"), lb.addr("server")
-    (echo,) = [r for r in records if r.get("src4_addr") == src and r["proto"] == 1]
-    assert (echo["icmp_type"], echo["icmp_code"], echo["in_packets"]) == (8, 0, 2)
-    (tcp,) = [r for r in records if r.get("src4_addr") == src and r.get("dst_port") == 7404]
-    assert {"S", "A", "F", "P"} <= set(tcp["tcp_flags"]) and tcp["dst4_addr"] == dst
+    for (family, proto, what), expected in truth.items():
+        key = "4" if family == 4 else "6"
+        src, dst = lb.addr("client", family), lb.addr("server", family)
+        got = [
+            r
+            for r in records
+            if (r.get(f"src{key}_addr"), r.get(f"dst{key}_addr"), r["proto"]) == (src, dst, proto)
+            and what == (r.get("icmp_type") if proto in (1, 58) else r.get("dst_port"))
+        ]
+        assert len(got) == 1, f"nfdump records for {family} {proto} {what}: {got or records[:3]}"
+        assert (got[0]["in_packets"], got[0]["in_bytes"]) == expected, (family, proto, what)
+        if proto == 6:
+            assert {"S", "A", "F", "P"} <= set(got[0]["tcp_flags"])
+        if proto in (1, 58):
+            assert got[0]["icmp_code"] == 0
 
 
 def test_ipfix_over_tcp_stream_decoded_by_nfcapd(gw, nfcapd):

@@ -115,6 +115,23 @@ def test_ipfix_template_and_data_records_parse_back():
     assert rec[names.index("packetDeltaCount")] == 3 and rec[names.index("octetDeltaCount")] == 300
 
 
+def test_ipfix_elements_carry_what_iana_defines():
+    enc = ipfix.Encoder()
+    names = [e.name for e in ipfix.V4_ELEMENTS]
+    assert "layer2OctetDeltaCount" not in names and "ipClassOfService" not in names
+    # SYN|ACK plus flowmon's SYN-ACK combination bit (0x100), which IANA's 16 bits read as NS
+    fwd = flow(proto=6, tcp_flags=0x112, dscp=46, ifindex=7, direction=0)
+    out = flow(proto=6, tcp_flags=0x11, ifindex=9, direction=1)
+    (msg,) = enc.data_messages([fwd, out], now=1)
+    a = ipfix.TEMPLATE_V4.record.unpack_from(msg, 20)
+    b = ipfix.TEMPLATE_V4.record.unpack_from(msg, 20 + ipfix.TEMPLATE_V4.record.size)
+    col = names.index
+    assert (a[col("tcpControlBits")], a[col("ipDiffServCodePoint")]) == (0x12, 46)
+    assert (a[col("ingressInterface")], a[col("egressInterface")], a[col("flowDirection")]) == (7, 0, 0)
+    assert (b[col("ingressInterface")], b[col("egressInterface")], b[col("flowDirection")]) == (0, 9, 1)
+    assert [(e.id, e.length) for e in ipfix.V4_ELEMENTS if not e.enterprise][6:8] == [(1, 8), (2, 8)]
+
+
 @given(st.integers(min_value=1, max_value=600))
 def test_udp_messages_stay_under_the_mtu(n):
     msgs = ipfix.Encoder(max_message=1400).data_messages([flow(sport=i % 65536) for i in range(n)])
