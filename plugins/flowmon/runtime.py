@@ -162,6 +162,12 @@ class Metrics:
         for cause in ("map_full_packets", "malformed", "drops_unattributed"):
             losses.add_metric([cause.removesuffix("_packets")], c[cause])
         yield losses
+        lost_flows = CounterMetricFamily(
+            "sluice_flowmon_lost_flows",
+            "Flows not exported because the flow map was full (each once per eviction period)",
+        )
+        lost_flows.add_metric([], c["lost_flows"])
+        yield lost_flows
         skipped = CounterMetricFamily(
             "sluice_flowmon_skipped_packets", "Packets skipped on purpose", labels=["cause"]
         )
