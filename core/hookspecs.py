@@ -206,6 +206,15 @@ def sluice_session_restore(ctx: PluginContext, sessions: Sequence[Session]) -> i
     """
 
 
+@hookspec
+def sluice_session_forget(ctx: PluginContext, sessions: Sequence[Session]) -> int | None:
+    """Remove restored sessions that left the replicated store (their holder deleted them, or
+    they expired). Called per owner plugin like ``sluice_session_restore``; only ``key`` and
+    ``owner`` are meaningful. Remove only sessions this plugin wrote through restore and that
+    carried no traffic here since (those are this node's now). Return how many were removed.
+    """
+
+
 @hookspec(firstresult=True)
 def sluice_nat_lookup(flow: FlowTuple) -> NatTranslation | None:
     """Translate a flow through NAT: return the translation or ``None`` when unknown.

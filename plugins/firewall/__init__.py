@@ -109,6 +109,12 @@ def sluice_session_restore(ctx, sessions):
 
 
 @hookimpl
+def sluice_session_forget(ctx, sessions):
+    fw = _RUNTIME.get(ctx.name)
+    return fw.forget(sessions) if fw is not None else 0
+
+
+@hookimpl
 def sluice_cli_commands():
     from .cli import commands
 

@@ -69,6 +69,7 @@ class Known:
     last_seen_ns: int
     emitted_ns: int
     tcp_state: int
+    restored: bool = False  # written by restore (a peer's session) and not carried here since
 
 
 class Firewall:
@@ -337,7 +338,8 @@ class Firewall:
                 events.append(("created", kb, v))
                 self.known[kb] = Known(v.last_seen_ns, now, v.tcp_state)
             elif v.last_seen_ns != prev.last_seen_ns and (
-                v.tcp_state != prev.tcp_state
+                prev.restored  # a peer's flow now passes here: say so at once (ownership moves)
+                or v.tcp_state != prev.tcp_state
                 or now - prev.emitted_ns >= self.cfg.session_update_interval * NS
             ):
                 events.append(("updated", kb, v))
@@ -395,9 +397,29 @@ class Firewall:
             except OSError as exc:
                 self.log.warning("restore: map refused a session", error=str(exc))
                 continue
-            self.known[bytes(s.key)] = Known(now, now, v.tcp_state)
+            self.known[bytes(s.key)] = Known(now, now, v.tcp_state, restored=True)
             applied += 1
         return applied
+
+    def forget(self, sessions: Sequence[Session]) -> int:
+        """Remove restored sessions that left the bucket (the peer deleted them or they expired),
+        unless they carried traffic here since they were restored: those are this node's now."""
+        m, forgotten = self.maps.map("fw_sessions"), 0
+        for s in sessions:
+            known = self.known.get(bytes(s.key))
+            if len(s.key) != SESSION_KEY_SIZE or known is None or not known.restored:
+                continue
+            key = SessionKey.from_buffer_copy(s.key)
+            v = m.get(key)
+            if v is None or v.last_seen_ns != known.last_seen_ns:
+                continue
+            m.delete(key)
+            if v.nat_port:
+                self.maps.map("fw_nat").delete(nat_key(key, v.nat_port))
+            self.maps.map("fw_geneve_flows").delete(key)
+            del self.known[bytes(s.key)]
+            forgotten += 1
+        return forgotten
 
     # ---- audit ----
 

@@ -1,5 +1,6 @@
 """The replication plugin: sessions published by owner plugins → a NATS JetStream KV bucket, and
-back to their owners at boot (before ``/readyz`` says ready). See docs/plugins/replication.md.
+back to their owners at boot (before ``/readyz`` says ready) and, as peers write them, at once
+(hot standby: a watch on the bucket). See docs/plugins/replication.md.
 
 One agent per process: the broadcast hook ``sluice_session_event`` carries no context, so the
 running replicator is kept in this module.
@@ -40,7 +41,7 @@ def sluice_start(ctx):
         await _wait_for_owners(ctx, cfg.boot_timeout)
         return ctx.restore_sessions(sessions)
 
-    replicator = Replicator(cfg, restore=restore, log=ctx.log)
+    replicator = Replicator(cfg, restore=restore, forget=lambda s: _forget(ctx, s), log=ctx.log)
     replicator.connect_options()  # bad TLS files or a missing auth helper fail here, in one line
     if cfg.embedded:
         _embedded = NatsServer(ctx.state_dir / "nats", port=cfg.embedded_port, name=f"sluice-{cfg.node}")
@@ -60,10 +61,23 @@ async def _wait_for_owners(ctx, timeout: float) -> None:
         await asyncio.sleep(0.05)
 
 
+def _forget(ctx, sessions) -> dict[str, int]:
+    """Hand sessions gone from the bucket to their running owners' sluice_session_forget."""
+    manager, by_owner, removed = ctx.manager, {}, {}
+    for s in sessions:
+        by_owner.setdefault(s.owner, []).append(s)
+    for owner, items in by_owner.items():
+        record, owner_ctx = manager.records.get(owner), manager.contexts.get(owner)
+        if owner_ctx is None or record is None or record.state not in (State.RUNNING, State.DEGRADED):
+            continue
+        removed[owner] = manager.call(owner, "sluice_session_forget", ctx=owner_ctx, sessions=items) or 0
+    return removed
+
+
 @hookimpl
 def sluice_tasks(ctx):
     r = _replicator
-    return [r.start(), r.run_writer(), r.run_sync()] if r else []
+    return [r.start(), r.run_writer(), r.run_sync(), r.run_watch()] if r else []
 
 
 @hookimpl

@@ -51,6 +51,7 @@ class NatsServer:
         data_dir: Path,
         port: int = 0,
         name: str = "sluice",
+        host: str = "127.0.0.1",
         args: list[str] | None = None,
         config: str | None = None,
         die_with_parent: bool = True,
@@ -58,6 +59,7 @@ class NatsServer:
         self.data_dir = Path(data_dir)
         self.port = port
         self.name = name
+        self.host = host  # the client listen address (a lab serves agents in other namespaces)
         self.args = list(args or [])
         self.config = config
         self.die_with_parent = die_with_parent
@@ -78,7 +80,7 @@ class NatsServer:
             str(find_binary()),
             "-js",
             "-sd", str(self.data_dir / "jetstream"),
-            "-a", "127.0.0.1",
+            "-a", self.host,
             "-p", str(self.port or -1),
             "-n", self.name,
             "-P", str(self.pid_file),

@@ -15,6 +15,15 @@ State kept here:
 Writes are pipelined: a batch publishes up to ``batch_size`` messages on ``$KV.<bucket>.<key>``
 without waiting, then awaits their JetStream acks together. A write that is not acked is queued
 again. The clock is injectable so debouncing can be tested without sleeping.
+
+Hot standby: after the boot load every node watches the bucket (an ordered consumer on
+``$KV.<bucket>.>`` from the stream sequence the load started at, resumed from the last sequence
+seen after a reconnect). Peers' records go straight into their owners' maps (``restore``), so
+the first packet of a flow that fails over matches with no control-plane round trip; deletes
+and expiry markers take them out again (``forget``). ``peers`` holds the keys restored that way
+and who wrote them. Ownership moves with the traffic: the owner reports an update for a
+restored session the moment it carries a packet here, which makes the key local (written with
+this node's id); a node that sees a peer's record for one of its local keys lets it go.
 """
 
 from __future__ import annotations
@@ -36,7 +45,14 @@ from nats.js.errors import NotFoundError
 
 from sluice import log as slog
 from sluice.plugins.replication.config import Config
-from sluice.plugins.replication.records import Record, RecordError, decode, encode_key, encode_value
+from sluice.plugins.replication.records import (
+    Record,
+    RecordError,
+    decode,
+    decode_key,
+    encode_key,
+    encode_value,
+)
 from sluice.sessions import Session, SessionEvent
 
 KV_OPERATION = "KV-Operation"
@@ -69,6 +85,7 @@ class Stats:
     full_syncs: int = 0
     repaired: Counter = field(default_factory=Counter)  # "put" / "delete" → full-sync repairs
     reconnects: int = 0
+    watched: Counter = field(default_factory=Counter)  # what the bucket watch did, per kind
 
 
 class Replicator:
@@ -78,6 +95,7 @@ class Replicator:
         *,
         servers: list[str] | None = None,
         restore: Callable[[list[Session]], Any] | None = None,
+        forget: Callable[[list[Session]], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
         log=None,
     ):
@@ -85,12 +103,18 @@ class Replicator:
         self.node_id = config.node
         self.servers = list(servers or config.servers)
         self.restore = restore  # sessions → {owner: applied} (or an awaitable of it)
+        self.forget = forget  # sessions gone from the bucket → {owner: removed} (or an awaitable)
         self.clock = clock
         self.log = log or slog.get("replication")
         self.stream = f"KV_{config.bucket}"
         self.prefix = f"$KV.{config.bucket}."
 
         self.local: dict[str, LocalEntry] = {}
+        self.peers: dict[str, str] = {}  # key → node id: peers' sessions restored into the owners
+        self.watch_seq = 0  # the last stream sequence the watch applied (or the boot load covered)
+        self._incoming: dict[str, Record | None] = {}  # watched changes to apply (None: gone)
+        self._incoming_ready = asyncio.Event()
+        self._rewatch = asyncio.Event()
         # Owners seen alive in this run (published, or took restored sessions). The full sync
         # deletes stale records of these only: an owner that failed to start keeps its records.
         self.active_owners: set[str] = set()
@@ -131,9 +155,15 @@ class Replicator:
         now = self.clock()
         self.active_owners.add(event.owner)
         if event.kind == "deleted":
-            self.local.pop(key, None)
+            held = self.local.pop(key, None) is not None
+            # A peer's restored session that idled out here: its holder would have refreshed it,
+            # so the record is stale (a dead peer's). Anything else is not ours to delete.
+            if not held and self.peers.pop(key, None) is None:
+                return
         else:
             self.local[key] = LocalEntry(event.session, event.time_ns)
+            if self.peers.pop(key, None) is not None:
+                self.stats.watched["taken_over"] += 1
         if key in self.urgent:
             self.stats.coalesced += event.kind == "updated"
             return  # already due: the write sends whatever is latest then
@@ -332,6 +362,7 @@ class Replicator:
         self.log.info("NATS reconnected: writing the queue, then a full sync", server=url)
         self._wake.set()
         self._sync_now.set()  # a restarted server may have lost unsynced writes: check everything
+        self._rewatch.set()  # resume the watch from the last sequence seen
 
     async def _on_error(self, exc: Exception) -> None:
         # nats-py retries the initial connect itself (max_reconnect_attempts=-1) and reports here.
@@ -379,6 +410,8 @@ class Replicator:
                 bucket=cfg.bucket,
                 history=cfg.history,
                 ttl=cfg.ttl or None,
+                # Expiry leaves a delete marker (Nats-Marker-Reason): watchers forget the session.
+                limit_marker_ttl=cfg.ttl or None,
                 replicas=cfg.replicas,
                 storage=js_api.StorageType.FILE if cfg.storage == "file" else js_api.StorageType.MEMORY,
                 description="sluice sessions (plugins/replication, record version 1)",
@@ -434,6 +467,8 @@ class Replicator:
 
     async def boot_load(self) -> None:
         t0 = time.monotonic()
+        info = await self.js.stream_info(self.stream)
+        start_seq = info.state.last_seq  # the watch goes on from here: nothing falls in between
         scan = await self.scan()
         # Keys an owner published during the load are newer than the bucket's copy.
         loaded = {k: r for k, r in scan.records.items() if k not in self.local}
@@ -447,8 +482,13 @@ class Replicator:
                 self.log.error("restoring sessions failed", error=self.last_error, sessions=len(loaded))
         self.active_owners.update(owner for owner, n in applied.items() if n > 0)
         for key, record in loaded.items():
-            if record.session.owner in self.active_owners and key not in self.local:
-                self.local[key] = LocalEntry(record.session, record.event_ns)  # adopted
+            if record.session.owner not in self.active_owners or key in self.local:
+                continue
+            if record.node_id == self.node_id:  # held before this restart: ours again
+                self.local[key] = LocalEntry(record.session, record.event_ns)
+            else:  # a peer's: ours once its traffic passes here
+                self.peers[key] = record.node_id
+        self.watch_seq = max(self.watch_seq, start_seq)
         self.boot = {
             "state": "loaded",
             "records": len(loaded),
@@ -522,6 +562,107 @@ class Replicator:
             self.log.warning(message, **fields)
         elif self._logged_problems == PROBLEM_LOG_LIMIT + 1:
             self.log.warning("more bad records or events: counted in the metrics, no longer logged")
+
+    # ---- watching the bucket --------------------------------------------------------------
+
+    async def run_watch(self) -> None:
+        """Background: follow the bucket from ``watch_seq`` on; resubscribe from the last
+        sequence seen after a reconnect (the stream keeps what was written meanwhile)."""
+        applier = asyncio.ensure_future(self._apply_incoming())
+        try:
+            while True:
+                if not (self.connected and self.boot_done):
+                    await asyncio.sleep(min(self.cfg.reconnect_wait, 0.2))
+                    continue
+                self._rewatch.clear()
+                try:
+                    sub = await self.js.subscribe(
+                        self.prefix + ">",
+                        stream=self.stream,
+                        cb=self._on_watched,
+                        ordered_consumer=True,
+                        config=js_api.ConsumerConfig(
+                            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+                            opt_start_seq=self.watch_seq + 1,
+                        ),
+                        inactive_threshold=60.0,
+                    )
+                except Exception as exc:
+                    self._note_error("watch", exc)
+                    await asyncio.sleep(self.cfg.reconnect_wait)
+                    continue
+                self.stats.watched["subscribed"] += 1
+                try:
+                    await self._rewatch.wait()
+                finally:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+        finally:
+            applier.cancel()
+
+    async def _on_watched(self, msg) -> None:
+        seq = msg.metadata.sequence.stream
+        if seq <= self.watch_seq:
+            return  # seen before a resubscribe
+        self.watch_seq = seq
+        key = msg.subject[len(self.prefix) :]
+        headers = msg.headers or {}
+        if headers.get(KV_OPERATION) in DELETE_OPS or "Nats-Marker-Reason" in headers:
+            self._incoming[key] = None
+        else:
+            try:
+                record = decode(key, msg.data)
+            except RecordError as exc:
+                self._skip(key, exc)
+                return
+            if record.node_id == self.node_id:
+                self.stats.watched["own"] += 1  # our own write coming back: newer than a peer's
+                self._incoming.pop(key, None)
+                return
+            self._incoming[key] = record
+        self._incoming_ready.set()
+
+    async def _apply_incoming(self) -> None:
+        while True:
+            await self._incoming_ready.wait()
+            self._incoming_ready.clear()
+            batch, self._incoming = self._incoming, {}
+            try:
+                await self.apply_watched(batch)
+            except Exception as exc:  # an owner's hook broke its contract: the watch goes on
+                self._note_error("restore", exc)
+                self._log_limited("applying watched records failed", error=self.last_error)
+
+    async def apply_watched(self, batch: dict[str, Record | None]) -> None:
+        """Peers' changes into the owners' maps: records restored, deletes forgotten."""
+        restore, forget = [], []
+        for key, record in batch.items():
+            if record is None:
+                if key in self.local:  # we carry it: the next full sync writes it back
+                    self.stats.watched["kept"] += 1
+                    continue
+                if self.peers.pop(key, None) is None:  # our own delete coming back
+                    continue
+                with contextlib.suppress(RecordError):
+                    owner, raw = decode_key(key)
+                    forget.append(Session(owner=owner, key=raw, value=b""))
+                continue
+            entry = self.local.get(key)
+            if entry is not None and entry.event_ns >= record.written_ns:
+                self.stats.watched["stale"] += 1  # written before we took the flow over
+                continue
+            if self.local.pop(key, None) is not None:  # its traffic passes the peer now
+                self.urgent.pop(key, None)
+                self.debounced.pop(key, None)
+                self.stats.watched["moved_away"] += 1
+            self.peers[key] = record.node_id
+            restore.append(record.session)
+        for hook, sessions, kind in ((self.restore, restore, "restored"), (self.forget, forget, "forgotten")):
+            if hook is None or not sessions:
+                continue
+            result = hook(sessions)
+            result = dict(await result if inspect.isawaitable(result) else result or {})
+            self.stats.watched[kind] += sum(result.values())
 
     # ---- full sync ------------------------------------------------------------------------
 
@@ -629,6 +770,9 @@ class Replicator:
             "coalesced": self.stats.coalesced,
             "errors": dict(self.stats.errors),
             "skipped": dict(self.stats.skipped),
+            "peers": len(self.peers),
+            "watch": {"seq": self.watch_seq, **self.stats.watched},
+            "reconnects": self.stats.reconnects,
         }
 
     async def status(self) -> dict[str, Any]:

@@ -130,8 +130,8 @@ async def clocked(url: str, **kw):
         await r.close()
 
 
-async def connected(url: str, clock=time.monotonic, restore=None, **kw) -> Replicator:
-    r = Replicator(config(**kw), servers=[url], clock=clock, restore=restore)
+async def connected(url: str, clock=time.monotonic, restore=None, forget=None, **kw) -> Replicator:
+    r = Replicator(config(**kw), servers=[url], clock=clock, restore=restore, forget=forget)
     await r.connect()
     await r.boot_load()
     return r
@@ -353,9 +353,9 @@ async def test_boot_load_restores_valid_records_and_skips_corrupt_ones(server):
         assert sum(r.stats.skipped.values()) == len(bad)
         assert r.stats.skipped["bad-key"] == 2 and r.stats.skipped["foreign"] == 1
         assert r.stats.skipped["version"] == 1 and r.stats.skipped["truncated"] == 2
-        assert len(r.local) == 20  # restored sessions are now held here
+        assert not r.local and len(r.peers) == 20  # node-a's: ours once their traffic passes here
         status = await r.status()
-        assert (status["in_both"], status["only_local"], status["only_bucket"]) == (20, 0, 0)
+        assert (status["in_both"], status["only_local"], status["only_bucket"]) == (0, 0, 20)
         assert status["unreadable"] == len(bad)
         result = await r.full_sync()  # corrupt records are never rewritten or deleted
         assert (result["put"], result["delete"]) == (0, 0)
@@ -539,3 +539,114 @@ async def test_queue_is_bounded_while_nats_is_down_and_overflow_is_repaired(serv
         assert await until(lambda: r.stats.full_syncs and not r.needs_sync and r.idle, 30.0)
         assert set(await bucket(server.url)) == {key(i) for i in range(100)}
         assert r.stats.repaired["put"] >= 90
+
+
+# ---- 4. hot standby: the watch -------------------------------------------------------------
+
+
+class OwnerMap:
+    """An owner's map as restore/forget see it: key → value, with what each hook was handed."""
+
+    def __init__(self):
+        self.map: dict[bytes, bytes] = {}
+        self.restored: list[bytes] = []
+        self.forgotten: list[bytes] = []
+
+    def restore(self, sessions):
+        for s in sessions:
+            self.map[s.key] = s.value
+            self.restored.append(s.key)
+        return {OWNER: len(sessions)}
+
+    def forget(self, sessions):
+        for s in sessions:
+            self.map.pop(s.key, None)
+            self.forgotten.append(s.key)
+        return {OWNER: len(sessions)}
+
+
+@contextlib.asynccontextmanager
+async def watching(url: str, node: str, **kw):
+    """A replicator with the agent's tasks (writer, sync, watch) and an owner map behind it."""
+    owner = OwnerMap()
+    r = await connected(url, node_id=node, restore=owner.restore, forget=owner.forget, **kw)
+    watch = asyncio.ensure_future(r.run_watch())
+    try:
+        async with background(r):
+            yield r, owner
+    finally:
+        watch.cancel()
+
+
+def k(i: int) -> bytes:
+    return i.to_bytes(4, "big")
+
+
+@aio
+async def test_a_standby_holds_its_peers_sessions_as_they_are_written(server):
+    async with watching(server.url, "node-a") as (a, _), watching(server.url, "node-b") as (b, owner):
+        for i in range(10):
+            a.submit(event("created", i, b"a%d" % i))
+        assert await until(lambda: len(owner.map) == 10, 10.0)  # no restart, no boot load
+        assert owner.map == {k(i): b"a%d" % i for i in range(10)}
+        assert set(b.peers.values()) == {"node-a"} and not b.local
+
+        a.submit(event("updated", 1, b"a1-new"))
+        a.submit(event("deleted", 2))
+        assert await until(lambda: owner.map.get(k(1)) == b"a1-new" and k(2) not in owner.map, 10.0)
+        assert owner.forgotten == [k(2)] and key(2) not in b.peers
+
+        # The flow of session 3 now passes B: B's owner reports it, the record names B, A lets go.
+        b.submit(event("updated", 3, b"b3"))
+        await b.flush()
+        assert await until(lambda: a.peers.get(key(3)) == "node-b" and key(3) not in a.local, 10.0)
+        assert decode(key(3), (await bucket(server.url))[key(3)]).node_id == "node-b"
+        assert b.stats.watched["taken_over"] == 1 and a.stats.watched["moved_away"] == 1
+        assert owner.restored.count(k(3)) == 1  # B's own write came back and was not restored
+        assert b.stats.watched["own"] >= 1
+
+        # B lets its copy of a peer's session idle out: the record was the dead peer's, B deletes it.
+        b.submit(event("deleted", 4))
+        await b.flush()
+        assert key(4) not in await bucket(server.url)
+        b.submit(event("deleted", 99))  # neither held nor a peer's: nothing to write
+        assert b.queue_depth == 0
+
+
+@aio
+async def test_the_watch_skips_bad_records_with_a_counter(server):
+    async with watching(server.url, "node-a") as (a, _), watching(server.url, "node-b") as (b, owner):
+        await raw_put(server.url, "testowner.0102", b"garbage")
+        await raw_put(server.url, "testowner.0103", b"SLRS\x09" + bytes(40))
+        a.submit(event("created", 7, b"good"))
+        assert await until(lambda: k(7) in owner.map, 10.0)
+        assert b.stats.skipped["truncated"] == 1 and b.stats.skipped["version"] == 1
+        assert len(owner.map) == 1 and b.connected
+
+
+@aio
+async def test_expired_records_are_forgotten_by_the_standby(server):
+    kw = {"ttl": 1.0, "sync_interval": 0.5, "bucket": "expiring"}
+    async with watching(server.url, "node-b", **kw) as (b, owner):
+        a = await connected(server.url, node_id="node-a", **kw)
+        a.submit(event("created", 5, b"short-lived"))
+        await a.flush()
+        await a.close()  # A is gone: nobody refreshes the record
+        assert await until(lambda: k(5) in owner.map, 10.0)
+        assert await until(lambda: k(5) in owner.forgotten, 15.0)  # the server's expiry marker
+        assert key(5) not in b.peers
+
+
+@aio
+async def test_the_watch_resumes_after_nats_restarts(server):
+    async with watching(server.url, "node-a") as (a, _), watching(server.url, "node-b") as (b, owner):
+        a.submit(event("created", 1))
+        assert await until(lambda: k(1) in owner.map, 10.0)
+        server.kill()
+        assert await until(lambda: not b.connected, 10.0)
+        server.start()
+        assert await until(lambda: a.connected and b.connected, 20.0)
+        for i in range(2, 12):
+            a.submit(event("created", i))
+        assert await until(lambda: len(owner.map) == 11, 20.0)
+        assert b.stats.reconnects >= 1 and b.stats.watched["subscribed"] >= 2

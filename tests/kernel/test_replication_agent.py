@@ -198,7 +198,9 @@ async def test_agent_replicates_and_restores_before_ready(bpffs, tmp_path):
         _, st = await b.request("GET", "/v1/replication/status")
         assert st["boot"]["records"] == 49 and st["boot"]["restored"] == {OWNER: 49}
         assert st["boot"]["skipped"] == {"foreign": 1, "version": 1, "bad-key": 1}
-        assert (st["in_both"], st["only_local"], st["only_bucket"], st["unreadable"]) == (49, 0, 0, 3)
+        # node-a's sessions: held ready here, this node's once their traffic passes it
+        assert (st["in_both"], st["only_local"], st["only_bucket"], st["unreadable"]) == (0, 0, 49, 3)
+        assert st["peers"] == 49
 
 
 @aio
