@@ -177,3 +177,20 @@ def test_json_lines(tmp_path):
     sink.close()
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert lines[0]["interface"] == "lo" and lines[1]["icmp_type"] == 8
+
+
+def test_flows_drops_has_one_row_per_flow_and_reason():
+    from sluice.plugins.flowmon.cli import _drop_rows
+
+    def rec(dport, reason, n):
+        return dict(flow(dport=dport).as_dict(), drop_packets=n, drop_bytes=10 * n, drop_reason=reason)
+
+    recent = [
+        rec(1, "NO_SOCKET", 1),
+        rec(2, "NETFILTER_DROP", 2),
+        rec(1, "NO_SOCKET", 3),
+        rec(1, "TCP_CSUM", 1),
+    ]
+    recent.append(flow(dport=3).as_dict())  # no drops: no row
+    rows = [(r["dport"], r["drop_reason"], r["drop_packets"], r["drop_bytes"]) for r in _drop_rows(recent)]
+    assert rows == [(2, "NETFILTER_DROP", 2, 20), (1, "NO_SOCKET", 4, 40), (1, "TCP_CSUM", 1, 10)]
