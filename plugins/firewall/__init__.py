@@ -66,7 +66,7 @@ def sluice_ready(ctx):
 @hookimpl
 def sluice_tasks(ctx):
     fw = _RUNTIME[ctx.name]
-    return [fw.gc_task(), fw.audit_task()]
+    return [fw.gc_task(), fw.audit_task(), fw.session_event_task()]
 
 
 @hookimpl

@@ -190,6 +190,9 @@ SLUICE_MAP("percpu_array", u32, u64, fw_counters, FW_NCOUNTERS);
 SLUICE_MAP("percpu_array", u32, struct fw_rate, fw_audit_rate, 1);
 SLUICE_MAP("hash", struct fw_session_key, struct fw_session, fw_sessions, FW_MAX_SESSIONS);
 SLUICE_RINGBUF(fw_audit, FW_AUDIT_PAGES);
+/* Session keys a successor must know at once (replication): a session's start and its TCP
+ * handshake's end. The GC reports whatever was lost here (ring full) a gc_interval later. */
+SLUICE_RINGBUF(fw_session_events, 16);
 
 SLUICE_MAP_FLAGS("lpm_trie", struct fw_addr_key, u32, fw_src_0, FW_MAX_SOURCES, BPF_F_NO_PREALLOC);
 SLUICE_MAP_FLAGS("lpm_trie", struct fw_addr_key, u32, fw_src_1, FW_MAX_SOURCES, BPF_F_NO_PREALLOC);
@@ -617,6 +620,15 @@ static __always_inline int fw_mixed_family(const struct sluice_pkt *pkt)
     return pkt->flow.family == 6 && (sluice_is_v4_mapped(pkt->flow.saddr) || sluice_is_v4_mapped(pkt->flow.daddr));
 }
 
+static __always_inline void fw_session_event(const struct fw_session_key *k)
+{
+    struct fw_session_key *ev = fw_session_events.ringbuf_reserve(sizeof(struct fw_session_key));
+    if (!ev)
+        return;
+    __builtin_memcpy(ev, k, sizeof(*ev));
+    fw_session_events.ringbuf_submit(ev, 0);
+}
+
 /* The new session is built in a per-CPU scratch slot: fw_geneve's stack is close to 512 bytes. */
 BPF_PERCPU_ARRAY(fw_session_scratch, struct fw_session, 1);
 BPF_PERCPU_ARRAY(fw_inner_scratch, struct sluice_pkt, 1); /* fw_geneve's inner packet */
@@ -690,6 +702,7 @@ int fw_ingress(struct __sk_buff *skb)
             return sluice_verdict(skb, &pkt, SLUICE_DROP, "session-table-full");
         }
         fw_count(C_ALLOWED_NEW);
+        fw_session_event(&k);
         if (monitor)
             fw_report(skb, &pkt, d.net_id, d.order, ACT_ALLOW, d.reason, 0);
         return fw_pass_detail(skb, &pkt, "allow", d.net_id, d.order, d.reason, 0);
@@ -784,7 +797,10 @@ int fw_egress(struct __sk_buff *skb)
     fw_reverse(&wire, &k);
     struct fw_session *s = fw_sessions.lookup(&k);
     if (s && fw_session_live(s, pkt.flow.proto, now)) {
+        u8 was = s->tcp_state;
         fw_session_touch(s, skb, &pkt, 1, now);
+        if (was != s->tcp_state && s->tcp_state == TCP_ESTABLISHED)
+            fw_session_event(&k);
         fw_count(C_REPLIES);
         return fw_pass(skb, &pkt, "reply");
     }

@@ -344,8 +344,11 @@ class Firewall:
             ):
                 events.append(("updated", kb, v))
                 self.known[kb] = Known(v.last_seen_ns, now, v.tcp_state)
-        for kb in [kb for kb in self.known if kb not in current]:
-            del self.known[kb]
+        # list(): the event loop adds to known meanwhile (restore, datapath session events).
+        for kb in [kb for kb in list(self.known) if kb not in current]:
+            if kb not in gone and sessions.get(SessionKey.from_buffer_copy(kb)) is not None:
+                continue  # written after the walk: the next pass sees it
+            self.known.pop(kb, None)
             if kb not in gone:  # removed by someone else (cleanup, a restart of the map)
                 events.append(("deleted", kb, SessionValue()))
         return events
@@ -362,6 +365,33 @@ class Firewall:
                 value += bytes(tunnel)
             session = Session(owner=self.ctx.name, key=kb, value=value, attrs=attrs)
             self.ctx.hook.sluice_session_event(event=SessionEvent(kind=kind, session=session, time_ns=t))
+
+    def announce(self, keys: list[bytes]) -> list[tuple[str, bytes, SessionValue]]:
+        """Session events at once for the keys the datapath reported (fw_session_events: a new
+        session, an established handshake), instead of a gc_interval later."""
+        sessions, events, now = self.maps.map("fw_sessions"), [], now_ns()
+        for kb in keys:
+            v = sessions.get(SessionKey.from_buffer_copy(kb))
+            if v is None:
+                continue
+            prev = self.known.get(kb)
+            if prev is not None and prev.tcp_state == v.tcp_state and not prev.restored:
+                continue
+            events.append(("created" if prev is None else "updated", kb, v))
+            self.known[kb] = Known(v.last_seen_ns, now, v.tcp_state)
+        return events
+
+    async def session_event_task(self) -> None:
+        from sluice.bpf.ringbuf import PinnedRingBuffer
+
+        reader = PinnedRingBuffer(self.ctx.pin_dir / "fw_session_events", SessionKey, bytes)
+        try:
+            while True:
+                keys = await asyncio.to_thread(reader.poll, 200)
+                if keys:
+                    self.publish(self.announce(keys))
+        finally:
+            reader.close()
 
     async def gc_task(self) -> None:
         while True:

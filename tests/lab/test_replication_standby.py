@@ -51,7 +51,7 @@ metrics_address = ""
 [plugins.firewall]
 interface = "ingress0"
 map_preset = "test"
-gc_interval = 0.2
+gc_interval = {gc}
 
 [plugins.firewall.dns]
 enabled = false
@@ -152,7 +152,7 @@ class StandbyLab:
 class Gateway:
     """`sluice agent run` (firewall + replication) in gateway namespace ``gw``."""
 
-    def __init__(self, lab_: StandbyLab, defer: Defer, root: Path, gw: str):
+    def __init__(self, lab_: StandbyLab, defer: Defer, root: Path, gw: str, gc: float = 0.2):
         self.node, self.root = f"node-{gw}", root
         self.bpffs = Path("/sys/fs/bpf") / f"sluice-test-{uuid.uuid4().hex[:8]}"
         self.bpffs.mkdir()
@@ -162,7 +162,7 @@ class Gateway:
         config = root / f"{gw}.toml"
         nats = LINKS[gw][2][0]
         text = CONFIG.format(
-            bpffs=self.bpffs, state=self.state, server=SERVER, port=PORT, nats=nats, node=self.node
+            bpffs=self.bpffs, state=self.state, server=SERVER, port=PORT, nats=nats, node=self.node, gc=gc
         )
         config.write_text(text)
         self.log = root / f"{gw}.log"
@@ -257,13 +257,13 @@ def echo(conn: socket.socket, payload: bytes) -> bytes:
 
 
 @contextlib.contextmanager
-def standby_pair(tmp_path: Path):
+def standby_pair(tmp_path: Path, gc: float = 0.2):
     """The lab with both gateways ready and the echo server listening."""
     with Defer() as defer:
         lab_ = StandbyLab(defer, tmp_path)
         server = EchoServer(lab_.socket("server"))
         defer(server.close)
-        a, b = Gateway(lab_, defer, tmp_path, "ga"), Gateway(lab_, defer, tmp_path, "gb")
+        a, b = Gateway(lab_, defer, tmp_path, "ga", gc), Gateway(lab_, defer, tmp_path, "gb", gc)
         a.wait(a.ready, "ready")
         b.wait(b.ready, "ready")
         yield lab_, a, b
@@ -295,6 +295,24 @@ def test_a_running_standby_carries_the_connection_after_the_active_is_killed(ker
         assert b.wait(lambda: b.record_holder() == b.node, "the record naming B")
         _, status = b.api("/v1/replication/status")
         assert status["watch"]["taken_over"] >= 1 and status["watch"]["restored"] >= 1
+        conn.close()
+
+
+@pytest.mark.slow
+def test_a_connection_opened_100ms_before_the_failover_survives(kernel_ready, tmp_path):
+    """The session reaches the bucket from the datapath's event (fw_session_events), not from
+    the GC: with a 30 s gc_interval only the event can have put it there in time."""
+    with standby_pair(tmp_path, gc=30.0) as (lab_, a, b):
+        conn = lab_.socket("client")
+        conn.settimeout(3.0)
+        conn.connect((SERVER, PORT))
+        assert echo(conn, b"young") == b"young"
+        time.sleep(0.1)
+        a.proc.kill()
+        a.proc.wait()
+        lab_.route_via("gb")
+        assert echo(conn, b"through B") == b"through B"
+        assert b.counters()["blocked_no_syn"] == 0
         conn.close()
 
 
