@@ -26,9 +26,9 @@ from sluice import log as slog
 from sluice.bpf.loader import CompileError
 from sluice.bpf.tc import AttachError
 from sluice.config import AgentSettings
-from sluice.datapath import Datapath
+from sluice.datapath import CORE, Datapath, remove_pins
 from sluice.manager import PluginContext, PluginManager, State
-from sluice.programs import TC
+from sluice.programs import TC, Tracepoint
 
 log = slog.get()
 
@@ -154,15 +154,18 @@ class Agent:
         self.datapath = await asyncio.to_thread(Datapath, s.bpffs, s.state_dir, list(s.cflags))
         enabled = set(s.plugins)
         # pyroute2 runs its own event loop: netlink work goes to a thread
-        await asyncio.to_thread(
+        removed = await asyncio.to_thread(
             self.datapath.detach, lambda a: a.plugin in enabled
         )  # plugins removed from the config
+        for name in sorted({a.plugin for a in removed} - {CORE}):
+            self._forget_state(name)
         for name in s.plugins:
             if self._stop.is_set():  # a stop during the cold start: do not compile the rest
                 log.info("stop requested during start: not starting the remaining plugins", next=name)
                 break
             await self._start_plugin(name)
         await asyncio.to_thread(self._detach_undeclared)
+        self._sync_records()
         _release_compiler_memory()
         log.info("started", seconds=round(time.monotonic() - t0, 2), plugins=self.states())
 
@@ -259,6 +262,34 @@ class Agent:
         self.datapath.detach(
             keep=lambda a: a.plugin not in running or (a.plugin, a.iface, a.direction, a.prio) in declared
         )
+
+    def _forget_state(self, name: str) -> None:
+        """A plugin left the config: its pins go too, unless ``agent.keep_removed_state``."""
+        if self.settings.keep_removed_state:
+            log.info(
+                "plugin removed, state kept", plugin=name, pins=str(self.settings.bpffs / "sluice" / name)
+            )
+            return
+        pins = remove_pins(self.settings.bpffs, name)
+        log.info("plugin removed with its state", plugin=name, pins=pins)
+
+    def _sync_records(self) -> None:
+        """Each plugin record shows what is attached now (after start, reload, failure, stop)."""
+        for name, record in self.manager.records.items():
+            record.attached = self.attached(name)
+
+    def attached(self, name: str) -> list[str]:
+        """What ``name`` has attached now: its filters as the datapath recorded them (checked
+        against the kernel at start), and its tracepoints while it runs."""
+        out = [
+            f"tc/{a.iface}/{a.direction}#{a.prio}:{a.fn}"
+            for a in (self.datapath.attached if self.datapath else [])
+            if a.plugin == name
+        ]
+        record = self.manager.records.get(name)
+        if record is not None and record.state in (State.RUNNING, State.DEGRADED):
+            out += [f"tracepoint/{a.tracepoint}:{a.fn}" for a in record.attach if isinstance(a, Tracepoint)]
+        return out
 
     # ---- state ----------------------------------------------------------------------------
 
@@ -380,6 +411,9 @@ class Agent:
         self._runners = []
         if self.settings.detach_on_stop and self.datapath:
             await asyncio.to_thread(self.datapath.detach)
+        if self.datapath:
+            self.datapath.close()
+            self._sync_records()
         log.info("stopped", detached=self.settings.detach_on_stop)
 
     async def _stop_plugin(self, name: str) -> None:
@@ -447,9 +481,10 @@ class Agent:
         for name in [n for n in reversed(old_enabled) if n not in new_enabled]:
             if name in self.started:
                 await self._stop_plugin(name)
-            self.manager.records[name].enabled = False
-            self.manager.records[name].state = State.INSTALLED
+            record = self.manager.records[name]
+            record.enabled, record.state, record.programs, record.maps = False, State.INSTALLED, [], []
             await asyncio.to_thread(self.datapath.detach, lambda a, n=name: a.plugin != n)
+            self._forget_state(name)
         for name in new_enabled:
             ctx = self.manager.contexts.get(name)
             if name not in old_enabled or ctx is None or name not in self.started:
@@ -475,6 +510,7 @@ class Agent:
             await self._stop_plugin(name)
             await self._start_plugin(name)
         await asyncio.to_thread(self._detach_undeclared)
+        self._sync_records()
         if {n: len(r) for n, r in self.plugin_routes.items()} != routes_before:
             await self._serve()
 

@@ -156,7 +156,10 @@ def build_cli(manager: PluginManager | None = None) -> click.Group:
         """Every installed plugin: version, distribution, enabled, state, programs, maps, attach points."""
         live = _api_get(obj, "/v1/plugins")
         if live is None:
+            from sluice.datapath import AttachmentRecord
+
             enabled = set(obj.settings.plugins)
+            recorded = AttachmentRecord(obj.settings.state_dir).read()
             rows = []
             for name in obj.manager.available():
                 r = obj.manager.records[name]
@@ -166,6 +169,9 @@ def build_cli(manager: PluginManager | None = None) -> click.Group:
                     d["state"] if r.error else ("agent not running" if name in enabled else "installed")
                 )
                 d["maps"] = _pinned_maps(obj.settings.bpffs, name)
+                d["attach"] = [  # the datapath's record: what is attached now, agent or not
+                    f"tc/{a.iface}/{a.direction}#{a.prio}:{a.fn}" for a in recorded if a.plugin == name
+                ]
                 rows.append(d)
             live = rows
         emit(
@@ -363,15 +369,22 @@ def build_cli(manager: PluginManager | None = None) -> click.Group:
 
     # ---- cleanup --------------------------------------------------------------------------
     @root.command()
+    @click.option("--plugin", "only", metavar="NAME", help="Only this plugin's filters, pins and leftovers.")
     @json_option
     @pass_obj
-    def cleanup(obj: Obj, as_json):
+    def cleanup(obj: Obj, only, as_json):
         """Detach every program sluice attached in this network namespace and remove its pins."""
         from sluice.datapath import CleanupRefused
         from sluice.datapath import cleanup as do_cleanup
 
+        if only is not None and only not in obj.manager.records and only != "core":
+            raise CLIError(
+                f"--plugin: unknown plugin {only!r} (available: {', '.join(obj.manager.available())})"
+            )
         try:
-            result = do_cleanup(obj.settings.bpffs, obj.settings.state_dir, lambda: _plugin_cleanup(obj))
+            result = do_cleanup(
+                obj.settings.bpffs, obj.settings.state_dir, lambda: _plugin_cleanup(obj, only), plugin=only
+            )
         except CleanupRefused as exc:
             raise CLIError(str(exc)) from None
         emit(
@@ -449,10 +462,11 @@ def build_cli(manager: PluginManager | None = None) -> click.Group:
     return root
 
 
-def _plugin_cleanup(obj: Obj) -> list[str]:
-    """Every installed plugin's own leftovers (sluice_cleanup); one plugin failing is reported."""
+def _plugin_cleanup(obj: Obj, only: str | None = None) -> list[str]:
+    """Every installed plugin's (or only ``only``'s) own leftovers (sluice_cleanup); one plugin
+    failing is reported."""
     removed = []
-    for name in obj.manager.available():
+    for name in obj.manager.available() if only is None else [only]:
         try:
             removed += [
                 f"{name}: {item}"

@@ -35,6 +35,7 @@ class AgentSettings(pydantic.BaseModel):
     log_level: str = pydantic.Field("info", pattern="^(debug|info|warning|error)$")
     cflags: list[str] = pydantic.Field(default_factory=list)
     detach_on_stop: bool = False
+    keep_removed_state: bool = False  # a plugin removed from `plugins` keeps its pinned maps
     stop_timeout: float = pydantic.Field(10.0, gt=0)
 
     @pydantic.field_validator("metrics_address")

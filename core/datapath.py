@@ -20,12 +20,16 @@ from pyroute2 import IPRoute
 
 from sluice import log as slog
 from sluice.bpf import loader, tc
-from sluice.programs import TC, Program, Tracepoint
+from sluice.programs import PROLOGUE_PRIO, TC, Program, Tracepoint
 
 log = slog.get()
 
-DENY = Program("deny", Path(__file__).resolve().parent / "bpf" / "deny.bpf.c")
+BPF_DIR = Path(__file__).resolve().parent / "bpf"
+DENY = Program("deny", BPF_DIR / "deny.bpf.c")
 DENY_FN = "sluice_deny"
+CORE = "core"  # the owner of the core's own programs
+PROLOGUE = Program("prologue", BPF_DIR / "prologue.bpf.c")
+PROLOGUE_FN = "sluice_prologue"
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,8 @@ class Datapath:
         self.cflags = cflags
         self.record = AttachmentRecord(state_dir)
         self.attached: list[Attachment] = self._reconciled(self.record.read())
+        self._prologue = None  # the compiled prologue, kept while this datapath lives
+        self._prologue_placed: set[tuple[str, str]] = set()  # hooks given this run's prologue
 
     def _reconciled(self, recorded: list[Attachment]) -> list[Attachment]:
         """Keep only records whose filter is really there under its name. A namespace deleted and
@@ -171,6 +177,7 @@ class Datapath:
         fd = loader.load_tc(bpf, plugin, point.fn)
         index = tc.ifindex(ipr, point.iface)
         added = tc.ensure_clsact(ipr, index)
+        added = self._place_prologue(ipr, point.iface, point.direction, added)
         tc.attach(ipr, point.iface, point.direction, point.rank, fd, tc.filter_name(plugin, point.fn))
         entry = Attachment(
             plugin,
@@ -193,12 +200,50 @@ class Datapath:
             order=point.order,
         )
 
+    def _place_prologue(self, ipr, iface: str, direction: str, added_clsact: bool) -> bool:
+        """Put the core's prologue first on the hook (once per datapath, replacing the one a
+        previous agent left in place); returns whether sluice added the hook's clsact qdisc."""
+        hook = (iface, direction)
+        previous = next(
+            (a for a in self.attached if a.plugin == CORE and (a.iface, a.direction) == hook), None
+        )
+        added_clsact = added_clsact or bool(previous and previous.added_clsact)
+        if hook in self._prologue_placed:
+            return added_clsact
+        self._prologue_placed.add(hook)
+        try:
+            if self._prologue is None:
+                self._prologue = loader.compile_program(CORE, PROLOGUE, bpffs=self.bpffs, cflags=self.cflags)
+            fd = loader.load_tc(self._prologue, CORE, PROLOGUE_FN)
+            tc.attach(ipr, iface, direction, PROLOGUE_PRIO, fd, tc.filter_name(CORE, PROLOGUE_FN))
+        except (loader.CompileError, tc.AttachError) as exc:
+            # not fatal: without a published parse each program parses the packet itself
+            log.error("prologue not attached", iface=iface, direction=direction, error=str(exc))
+            return added_clsact
+        entry = Attachment(CORE, PROLOGUE.name, PROLOGUE_FN, iface, direction, PROLOGUE_PRIO, added_clsact)
+        self.attached = [a for a in self.attached if a is not previous] + [entry]
+        self.record.write(self.attached)
+        log.info("attached", plugin=CORE, fn=PROLOGUE_FN, iface=iface, direction=direction, phase="prologue")
+        return added_clsact
+
+    def close(self) -> None:
+        """Release the compiled prologue's fds (its filters keep the program)."""
+        if self._prologue is not None:
+            self._prologue.cleanup()
+            self._prologue = None
+
     def detach(self, keep=lambda a: False) -> list[Attachment]:
-        """Detach every recorded attachment for which ``keep(a)`` is false; returns those removed."""
+        """Detach every recorded attachment for which ``keep(a)`` is false; returns those removed.
+        The core's prologue goes with the last plugin program on its hook."""
+        plugins_kept = {(a.iface, a.direction) for a in self.attached if a.plugin != CORE and keep(a)}
+
+        def kept_(a: Attachment) -> bool:
+            return (a.iface, a.direction) in plugins_kept if a.plugin == CORE else keep(a)
+
         removed, kept = [], []
         with IPRoute() as ipr:
             for a in self.attached:
-                if keep(a):
+                if kept_(a):
                     kept.append(a)
                     continue
                 found = ipr.link_lookup(ifname=a.iface)
@@ -211,6 +256,7 @@ class Datapath:
                 if a.added_clsact and found and not still_used and not tc.has_foreign_filters(ipr, found[0]):
                     tc.remove_clsact(ipr, found[0])
         self.attached = kept
+        self._prologue_placed -= {(a.iface, a.direction) for a in removed if a.plugin == CORE}
         self.record.write(kept)
         for a in removed:
             log.info("detached", plugin=a.plugin, fn=a.fn, iface=a.iface, direction=a.direction, order=a.prio)
@@ -225,12 +271,24 @@ class CleanupRefused(Exception):
     """Cleanup would pull programs and pins from under a running agent."""
 
 
-def cleanup(bpffs: Path, state_dir: Path, plugin_cleanup=None) -> dict:
-    """Remove everything sluice attached in this network namespace, and its pins.
+def remove_pins(bpffs: Path, plugin: str) -> int:
+    """Remove one plugin's pinned maps (its state); returns how many pins there were."""
+    root = bpffs / "sluice" / plugin
+    if not root.is_dir():
+        return 0
+    pins = sum(1 for p in root.rglob("*") if not p.is_dir())
+    shutil.rmtree(root, ignore_errors=True)
+    return pins
 
-    Recorded attachments are removed first; then any filter still named ``sluice:*`` (a record
-    lost with /run) is removed too; then ``plugin_cleanup()`` (plugins' own leftovers, such as
-    devices). Pins go last: the programs using them are gone by then.
+
+def cleanup(bpffs: Path, state_dir: Path, plugin_cleanup=None, plugin: str | None = None) -> dict:
+    """Remove everything sluice attached in this network namespace, and its pins; with
+    ``plugin``, only that plugin's filters and pins (the core's prologue goes with the last
+    plugin program on its hook; other plugins' pins and other tools' filters stay).
+
+    Recorded attachments are removed first; then any filter still named ``sluice:*`` (or
+    ``sluice:<plugin>:*``; a record lost with /run) is removed too; then ``plugin_cleanup()``
+    (plugins' own leftovers, such as devices). Pins go last: the programs using them are gone by then.
     """
     lock = state_dir / "agent.lock"
     if lock.exists():
@@ -242,12 +300,18 @@ def cleanup(bpffs: Path, state_dir: Path, plugin_cleanup=None) -> dict:
                     f"an agent (pid {held.read().strip() or '?'}) is running with state_dir {state_dir}: stop it first"
                 ) from None
     dp = Datapath(bpffs, state_dir, [])
-    removed = len(dp.detach())
+    removed = len(dp.detach(keep=(lambda a: False) if plugin is None else (lambda a: a.plugin != plugin)))
     with IPRoute() as ipr:
         for f in tc.list_filters(ipr):
-            if f.owned and tc.detach(ipr, f.ifindex, f.direction, f.prio):
+            if (
+                f.owned
+                and (plugin is None or f.plugin == plugin)
+                and tc.detach(ipr, f.ifindex, f.direction, f.prio)
+            ):
                 removed += 1
     others = plugin_cleanup() if plugin_cleanup else []
+    if plugin is not None:
+        return {"filters": removed, "pins": remove_pins(bpffs, plugin), "other": others}
     pins = 0
     root = bpffs / "sluice"
     if root.is_dir():

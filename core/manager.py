@@ -44,6 +44,7 @@ class PluginRecord:
     error: str = ""
     programs: list[Program] = field(default_factory=list)
     maps: list[str] = field(default_factory=list)
+    attached: list[str] | None = None  # what is attached now (set by the agent); None: not known
 
     @property
     def attach(self) -> list[Attach]:
@@ -62,7 +63,7 @@ class PluginRecord:
             "error": self.error,
             "programs": [p.name for p in self.programs],
             "maps": self.maps,
-            "attach": [_describe(a) for a in self.attach],
+            "attach": self.attached if self.attached is not None else [_describe(a) for a in self.attach],
         }
 
 

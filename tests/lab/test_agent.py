@@ -117,6 +117,7 @@ def test_ready_and_enforcing(agent, lab):
     status, body = agent.get("/readyz")
     assert status == 200 and body["plugins"]["chainprobe"] == {"state": "running", "ready": True}
     assert gw_filters(lab) == [
+        ("ingress0", "ingress", 1, "sluice:core:sluice_prologue"),
         ("ingress0", "ingress", 100, "sluice:chainprobe:probe_count"),
         ("ingress0", "ingress", 300, "sluice:chainprobe:probe_drop"),
     ]
@@ -132,7 +133,7 @@ def test_restarts_under_a_ping_flood_lose_nothing(agent, lab):
         agent.signal(stop)
         agent.wait(30)
         # The agent is gone: its programs are still attached and still enforce.
-        assert len(gw_filters(lab)) == 2
+        assert len(gw_filters(lab)) == 3  # the prologue and chainprobe's two
         assert not udp_reaches_server(lab, 9)
         agent.start()  # adopts the pins and replaces the filters in place
         assert not udp_reaches_server(lab, 9)
@@ -225,9 +226,9 @@ def test_reload_applies_new_programs_and_removes_plugins(agent, lab):
     agent.config.write_text(with_pass)
     agent.signal(signal.SIGHUP)
     deadline = time.monotonic() + 30
-    while len(gw_filters(lab)) != 3 and time.monotonic() < deadline:
+    while len(gw_filters(lab)) != 4 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert [f[2] for f in gw_filters(lab)] == [100, 200, 300]
+    assert [f[2] for f in gw_filters(lab)] == [1, 100, 200, 300]
     assert udp_reaches_server(lab, 9)  # the chain now ends at probe_pass, before the drop
 
     agent.config.write_text(

@@ -65,7 +65,11 @@ def test_chain_runs_in_order_and_passes_through(pair, bpffs, state_dir):
         Map.from_bcc(bpf[b"probe_drop_port"]).set(ct.c_uint32(0), ct.c_uint32(9))
         with __import__("pyroute2").IPRoute() as ipr:
             chain = [(f.prio, f.name) for f in tc.list_filters(ipr, "veth0") if f.direction == "ingress"]
-    assert chain == [(100, "sluice:chainprobe:probe_count"), (300, "sluice:chainprobe:probe_drop")]
+    assert chain == [
+        (1, "sluice:core:sluice_prologue"),  # the core's parse-once program runs first
+        (100, "sluice:chainprobe:probe_count"),
+        (300, "sluice:chainprobe:probe_drop"),
+    ]
 
     assert not udp_delivered(pair, 9)  # the second program drops it...
     assert udp_delivered(pair, 10)  # ...and passes the rest on to the stack
@@ -84,7 +88,7 @@ def test_chain_runs_in_order_and_passes_through(pair, bpffs, state_dir):
         removed = dp.detach()
         with __import__("pyroute2").IPRoute() as ipr:
             assert tc.list_filters(ipr, "veth0") == []
-    assert len(removed) == 3
+    assert len(removed) == 4  # the three programs and the prologue they no longer need
 
 
 def test_trace_shows_every_programs_verdict(pair, bpffs, state_dir):

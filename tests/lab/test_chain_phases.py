@@ -145,9 +145,16 @@ def test_an_enforce_plugin_that_fails_to_load_fails_closed(lab, agent_for, plugi
     body = agent.start()
     assert body["plugins"]["chainprobe"]["state"] == "failed"
     assert received_on_server(lab, 10) == 0  # the deny program holds the enforce slot
+    _, plugins = agent.get("/v1/plugins")  # the record says so too
+    assert next(p for p in plugins if p["name"] == "chainprobe")["attach"] == [
+        "tc/ingress0/ingress#300:sluice_deny"
+    ]
     hooks = json.loads(run_cli(lab, plugin_path, agent.config, "hooks", "--json").stdout)
     ours = [(h["phase"], h["order"], h["owner"], h["name"]) for h in hooks if h["owner"] != "(not sluice)"]
-    assert ours == [("enforce", 0, "chainprobe", "sluice:chainprobe:sluice_deny")]
+    assert ours == [
+        ("prologue", 0, "core", "sluice:core:sluice_prologue"),
+        ("enforce", 0, "chainprobe", "sluice:chainprobe:sluice_deny"),
+    ]
     # the ids sluice reports are the kernel's, as tc prints them
     assert {(h["iface"], h["direction"], h["prio"]): h["prog_id"] for h in hooks} == tc_ids(lab)
     assert all(h["prog_id"] > 0 for h in hooks)
@@ -159,7 +166,7 @@ def test_an_enforce_plugin_that_fails_to_load_fails_closed(lab, agent_for, plugi
     while received_on_server(lab, 10, sent=1) == 0 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert received_on_server(lab, 10) == 5
-    assert [f[3] for f in gw_filters(lab)] == ["sluice:chainprobe:probe_pass"]
+    assert [f[3] for f in gw_filters(lab)] == ["sluice:core:sluice_prologue", "sluice:chainprobe:probe_pass"]
 
 
 def test_a_failed_reload_keeps_the_previous_program(lab, agent_for):
