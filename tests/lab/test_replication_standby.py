@@ -60,7 +60,10 @@ enabled = false
 name = "clients"
 sources = ["10.99.1.0/24"]
 default = "deny"
-rules = [{{ action = "allow", proto = "tcp", dst = "{server}/32", ports = {port} }}]
+rules = [
+  {{ action = "allow", proto = "tcp", dst = "{server}/32", ports = {port} }},
+  {{ action = "allow", proto = "icmp", dst = "{server}/32" }},
+]
 
 [plugins.replication]
 servers = ["nats://{nats}:4222"]
