@@ -467,6 +467,23 @@ def check_tc() -> Check:
     return Check("tc", True, "SCHED_CLS program loaded and attached to clsact ingress (scratch netns)")
 
 
+def check_tcx() -> Check:
+    """TCX hooks (bpf_mprog, kernel 6.6+). The datapath attaches cls_bpf filters either way: the
+    check says which attach path this kernel could use, not a requirement."""
+    from sluice.bpf import tcx
+
+    if tcx.supported():
+        return Check(
+            "tcx", True, "TCX hooks present; the datapath attaches cls_bpf filters (TCX links not wired in)"
+        )
+    return Check(
+        "tcx",
+        False,
+        "no TCX hooks (kernel < 6.6): the datapath uses cls_bpf filters",
+        "nothing to do: cls_bpf is the fallback; kernel 6.6+ adds TCX",
+    )
+
+
 def _attach_clsact(prog_fd: int) -> None:
     with _scratch_netns() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
@@ -729,6 +746,7 @@ def _checks(cache_dir: Path) -> dict[str, Callable[[], Check]]:
         "kernel-headers": functools.partial(prepare_bcc, cache_dir),
         "bpf-syscall": check_bpf_syscall,
         "tc": check_tc,
+        "tcx": check_tcx,
         "tracepoints": check_tracepoints,
         "kprobes": check_kprobes,
         "fentry": check_fentry,

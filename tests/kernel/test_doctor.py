@@ -55,7 +55,8 @@ def test_every_feature_is_reported(doctor):
 
 # What the project's development kernel offers; the built-in plugins rely on these.
 @pytest.mark.parametrize(
-    "name", ["tc", "ringbuf", "lpm-trie", "batch-ops", "prog-test-run", "tunnel:vxlan", "conntrack-netlink"]
+    "name",
+    ["tc", "tcx", "ringbuf", "lpm-trie", "batch-ops", "prog-test-run", "tunnel:vxlan", "conntrack-netlink"],
 )
 def test_feature_present(doctor, name):
     assert doctor[name].ok, doctor[name]

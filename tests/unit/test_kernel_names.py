@@ -29,6 +29,7 @@ def test_fixed_names_are_the_documented_ones():
         "kernel-headers",
         "bpf-syscall",
         "tc",
+        "tcx",
         "tracepoints",
         "kprobes",
         "fentry",
