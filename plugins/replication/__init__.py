@@ -108,10 +108,26 @@ async def sluice_stop(ctx):
 
 
 @hookimpl
-def sluice_reload(ctx, old_config):
-    # The connection, bucket and embedded server are built at start; swapping them under live
-    # traffic would risk losing queued changes. The new settings apply at the next agent start.
-    ctx.log.warning("replication settings changed: they apply when the agent restarts")
+async def sluice_reload(ctx, old_config):
+    """SIGHUP: the new settings at once (Replicator.reconfigure), held and queued sessions kept.
+    The embedded server is built at start: switching to or from it, or its port, waits for a
+    restart (the running connection stays)."""
+    r = _replicator
+    if r is None:
+        return
+    cfg: Config = ctx.config or Config()
+    old: Config = old_config or Config()
+    servers = None if cfg.embedded else cfg.servers
+    if cfg.embedded != old.embedded or cfg.embedded_port != old.embedded_port:
+        ctx.log.warning("embedded nats-server settings apply when the agent restarts")
+        servers = None
+        cfg = cfg.model_copy(update={"servers": old.servers, "embedded_port": old.embedded_port})
+    try:
+        reconnects = await r.reconfigure(cfg, servers=servers)
+    except Exception as exc:  # bad TLS files: the running settings stay
+        ctx.log.error("replication reload rejected, keeping the running settings", error=f"{exc}")
+        return
+    ctx.log.info("replication settings applied", reconnecting=reconnects, servers=r.servers)
 
 
 @hookimpl

@@ -141,6 +141,7 @@ class Replicator:
         self._write_lock = asyncio.Lock()
         self._sync_now = asyncio.Event()
         self._logged_problems = 0
+        self._reconnect_task: asyncio.Future | None = None
 
     # ---- events ---------------------------------------------------------------------------
 
@@ -813,10 +814,67 @@ class Replicator:
                 break
         return rows
 
+    # ---- reload ---------------------------------------------------------------------------
+
+    CONNECTION_FIELDS = (
+        "servers", "user", "password", "token", "nkey_seed_file", "credentials_file", "tls_ca_file",
+        "tls_cert_file", "tls_key_file", "tls_hostname", "connect_timeout", "reconnect_wait",
+        "bucket", "replicas", "history", "ttl", "storage",
+    )  # fmt: skip
+
+    async def reconfigure(self, config: Config, servers: list[str] | None = None) -> bool:
+        """New settings without a restart (SIGHUP). What is held and queued stays. Behaviour
+        settings (debounce, batches, intervals, limits) apply at once; when where or how to
+        connect, or the bucket, changed the connection is rebuilt in the background and a full
+        sync writes everything held into the (new) bucket. Returns whether it reconnects."""
+        old, self.cfg = self.cfg, config
+        self.node_id = config.node
+        new_servers = list(servers) if servers is not None else self.servers
+        same = new_servers == self.servers and all(
+            getattr(old, f) == getattr(config, f) for f in self.CONNECTION_FIELDS if f != "servers"
+        )
+        self._wake.set()
+        if same:
+            return False
+        try:
+            self.connect_options_for(new_servers)  # bad TLS files fail here, nothing changed yet
+        except Exception:
+            self.cfg, self.node_id = old, old.node
+            raise
+        self.servers = new_servers
+        if config.bucket != old.bucket:
+            self.stream, self.prefix = f"KV_{config.bucket}", f"$KV.{config.bucket}."
+            self.watch_seq = 0  # a new bucket: read it all
+            self.peers.clear()
+        old_nc, self.nc, self.js = self.nc, None, None
+        if old_nc is not None:
+            with contextlib.suppress(Exception):
+                await old_nc.close()
+        self._reconnect_task = asyncio.ensure_future(self._reconnect())
+        return True
+
+    def connect_options_for(self, servers: list[str]) -> dict[str, Any]:
+        current, self.servers = self.servers, servers
+        try:
+            return self.connect_options()
+        finally:
+            self.servers = current
+
+    async def _reconnect(self) -> None:
+        await self.connect()
+        self.stats.reconnects += 1
+        self.state = "ready" if self.boot_done else "loading"
+        self.log.info("replication reconfigured: connected", servers=self.servers, bucket=self.cfg.bucket)
+        self._wake.set()
+        self._sync_now.set()
+        self._rewatch.set()
+
     # ---- stop -----------------------------------------------------------------------------
 
     async def close(self) -> None:
         """Flush what is queued (bounded), then close the connection."""
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
         if self.connected:
             await self.flush(timeout=self.cfg.write_timeout)  # within the agent's stop_timeout
         if self.queue_depth:

@@ -265,3 +265,48 @@ async def test_readyz_waits_for_unreachable_nats_when_the_boot_load_is_required(
             assert a.owner.restore_calls == []  # an empty bucket: nothing to hand over
         finally:
             await asyncio.to_thread(srv.stop)
+
+
+@aio
+async def test_reload_moves_replication_to_new_servers_without_a_restart(bpffs, tmp_path):
+    """SIGHUP's path (Agent.reload with the config file rewritten): replication follows the new
+    servers and batch size at once; the agent, the owner's map and what replication holds stay."""
+    first = NatsServer(tmp_path / "n1", die_with_parent=False)
+    second = NatsServer(tmp_path / "n2", die_with_parent=False)
+    first.start()
+    second.start()
+    state_dir, cfg_file = tmp_path / "state", tmp_path / "sluice.toml"
+    try:
+        async with Running(bpffs, state_dir, "node-r", servers=[first.url]) as a:
+            cfg_file.write_text(agent_config(bpffs, state_dir, "node-r", [first.url])[0])
+            a.agent.config_path = cfg_file
+            await a.wait_ready()
+            for i in range(5):
+                a.owner.publish("created", i, bytes(8))
+            await a.request("POST", "/v1/replication/flush")
+            task = a.task
+
+            cfg_file.write_text(
+                agent_config(bpffs, state_dir, "node-r", [second.url], "batch_size = 1000")[0]
+            )
+            await a.agent.reload()
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                _, st = await a.request("GET", "/v1/replication/status")
+                if st.get("servers") == [second.url] and st.get("connected") and st.get("bucket_count") == 5:
+                    break
+                await asyncio.sleep(0.1)
+            assert st["servers"] == [second.url] and st["state"] == "ready"
+            assert st["bucket_count"] == 5  # the full sync after the move wrote what it holds
+            a.owner.publish("created", 9, bytes(8))
+            await a.request("POST", "/v1/replication/flush")
+            _, st = await a.request("GET", "/v1/replication/status")
+            assert (st["local"], st["bucket_count"], st["in_both"]) == (6, 6, 6)
+            assert a.task is task and not task.done()  # the same agent run throughout
+            assert a.owner.map.count() == 6  # the owner's own sessions, nothing restored on top
+            from sluice.plugins import replication
+
+            assert replication.current().cfg.batch_size == 1000
+    finally:
+        first.stop()
+        second.stop()
