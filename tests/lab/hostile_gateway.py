@@ -53,6 +53,8 @@ management = ["10.99.9.0/24", "fd00:99:9::/64"]
 [plugins.firewall.dns]
 listen = ["{gw4}", "{gw6}"]
 upstream = "10.99.2.53"
+upstream_port = {upstream_port}
+timeout = {dns_timeout}
 min_ttl = 0
 grace = 1
 
@@ -137,7 +139,8 @@ class Capture:
 class Gateway:
     """`sluice agent run` with every plugin in the lab's gw namespace."""
 
-    def __init__(self, lab_: Lab, root: Path, bpffs: Path):
+    def __init__(self, lab_: Lab, root: Path, bpffs: Path, upstream_port: int = 53, dns_timeout: float = 5):
+        """``upstream_port``: where the DNS proxy forwards on 10.99.2.53 (53: the lab's dnsmasq)."""
         self.lab, self.root = lab_, root
         self.state = root / "state"
         self.config = root / "agent.toml"
@@ -150,6 +153,8 @@ class Gateway:
                 denied=DENIED_TCP,
                 allowed=ALLOWED_TCP,
                 udp=UDP_PORT,
+                upstream_port=upstream_port,
+                dns_timeout=dns_timeout,
             )
         )
         self.proc: subprocess.Popen | None = None
